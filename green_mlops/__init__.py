@@ -1,0 +1,1 @@
+"""green-mlops: the command line, the embedded models and their build scripts."""

@@ -1,0 +1,152 @@
+"""The ``green-mlops`` command line. Every user error ends in one message and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from targets.errors import GreenMLOpsError
+
+EXIT_USAGE = 2
+EXIT_GATE = 1
+EXIT_INTERRUPTED = 130
+
+stderr = Console(stderr=True)
+
+
+def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("controller (override the TOML file and the defaults)")
+    group.add_argument("--config", type=Path, help="TOML file with a [controller] table")
+    group.add_argument("--alpha", type=float, help="weight of (1 − u), default 1.0")
+    group.add_argument("--beta", type=float, help="weight of the energy term ê, default 0.25")
+    group.add_argument("--gamma", type=float, help="weight of the congestion term ĉ, default 0.5")
+    group.add_argument("--tau0", type=float, help="τ at t=0, default α+β+γ (admit all)")
+    group.add_argument("--tau-inf", type=float, dest="tau_inf",
+                       help="steady τ, default from the model's calibration: α·(1 − u*)")
+    group.add_argument("--k", type=float, dest="k_per_s", help="decay rate of τ(t) per second, default 1.0")
+    group.add_argument("--uncertainty", choices=("entropy", "least_confidence", "margin"))
+    group.add_argument("--skip-action", dest="skip_action", choices=("exit", "cache", "reject"))
+    group.add_argument("--capacity", type=int, help="in-flight requests counted as full congestion, default 8")
+    group.add_argument("--slo-ms", type=float, dest="slo_ms", help="latency objective for ĉ, default 100")
+
+
+CONTROLLER_FLAGS = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "uncertainty",
+                    "skip_action", "capacity", "slo_ms")
+
+
+def controller_config(args, spec):
+    from targets.controller_config import build_config
+
+    overrides = {name: getattr(args, name) for name in CONTROLLER_FLAGS}
+    return build_config(spec.controller_hints, args.config, overrides)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="green-mlops", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="standard vs bio ablation and its verdict")
+    validate.add_argument("--model", default="digits", help="embedded model name or model directory")
+    validate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    validate.add_argument("--requests", type=_positive_int,
+                          help="cap on measured requests (default: the evaluation set repeated to >= 2000)")
+    validate.add_argument("--warmup", type=int, default=200, help="warm-up requests per mode, default 200")
+    validate.add_argument("--json", type=Path, dest="json_path", help="write the figures as JSON here")
+    validate.add_argument("--gate", action="store_true", help="exit 1 when a claim does not hold")
+    validate.add_argument("--sweep", action="store_true", help="also measure the τ∞ curve")
+    validate.add_argument("--sweep-points", type=_positive_int, default=7)
+    _add_controller_flags(validate)
+
+    models = commands.add_parser("models", help="build the embedded models")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    build = model_commands.add_parser("build", help="train and export a model (needs the 'models' extra)")
+    build.add_argument("name", nargs="?", default="digits", choices=("digits",))
+    build.add_argument("--out", type=Path, help="output directory (default: the embedded model's)")
+    return parser
+
+
+def _run_validate(args) -> int:
+    import numpy as np
+    from dataclasses import asdict
+    from rich.progress import Progress
+
+    from green_mlops.models import resolve_model
+    from loadtests.ablation import request_order, run_ablation, run_sweep
+    from reports.ablation import print_summary, print_sweep
+    from reports.ablation import summarise
+    from targets.ort_target import OnnxRuntimeTarget
+
+    spec = resolve_model(args.model)
+    config = controller_config(args, spec)
+    backend = OnnxRuntimeTarget(spec, device=args.device)
+    x, y = spec.load_eval()
+    order = request_order(len(x), args.requests, min_requests=2000)
+    console = Console()
+    console.print(f"model [bold]{spec.name}[/] · provider {backend.provider} · {len(order)} requests "
+                  f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f}")
+    with Progress(console=stderr, transient=True) as progress:
+        task = progress.add_task("standard ⇄ bio", total=len(order))
+        result = run_ablation(backend, config, x, y, order, warmup_requests=args.warmup,
+                              progress=lambda done: progress.update(task, completed=done))
+    summary = summarise(result, backend.provider, spec.name, asdict(config))
+    print_summary(summary, console)
+
+    if args.sweep:
+        u = result.bio.u or [0.5]
+        quantiles = np.linspace(0.1, 0.9, args.sweep_points)
+        taus = sorted({round(config.alpha * (1 - q), 4) for q in np.quantile(u, quantiles)})
+        sweep_order = order[: len(x)]
+        with Progress(console=stderr, transient=True) as progress:
+            task = progress.add_task("τ∞ sweep", total=len(taus))
+            summary["sweep"] = run_sweep(backend, config, taus, x, y, sweep_order,
+                                         progress=lambda n: progress.update(task, completed=n))
+        print_sweep(summary["sweep"], summary["standard"], console)
+
+    if args.json_path is not None:
+        try:
+            args.json_path.parent.mkdir(parents=True, exist_ok=True)
+            args.json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise GreenMLOpsError(f"cannot write {args.json_path}: {exc}") from exc
+        console.print(f"figures written to {args.json_path}")
+    if args.gate and not all(c["passed"] for c in summary["claims"]):
+        failed = ", ".join(c["name"] for c in summary["claims"] if not c["passed"])
+        stderr.print(f"gate: claim(s) not held: {failed}")
+        return EXIT_GATE
+    return 0
+
+
+def _run_models_build(args) -> int:
+    from green_mlops.models import EMBEDDED
+    from green_mlops.models.build_digits import build
+
+    out = args.out or EMBEDDED[args.name]
+    build(out, log=lambda line: stderr.print(line))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"validate": _run_validate, "models": _run_models_build}
+    try:
+        return handlers[args.command](args)
+    except GreenMLOpsError as exc:
+        stderr.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

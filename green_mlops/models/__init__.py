@@ -1,0 +1,26 @@
+"""Embedded models: names a user can pass as ``--model``, and where their directories are."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from targets.errors import ModelDirError
+from targets.model_dir import ModelSpec, load_model_dir
+
+EMBEDDED_DIR = Path(__file__).resolve().parent
+EMBEDDED = {"digits": EMBEDDED_DIR / "digits"}
+DEFAULT_MODEL = "digits"
+
+
+def resolve_model(name_or_dir: str) -> ModelSpec:
+    """An embedded model by name, or any model directory by path."""
+    if name_or_dir in EMBEDDED:
+        path = EMBEDDED[name_or_dir]
+        if not (path / "model.json").is_file():
+            raise ModelDirError(f"embedded model '{name_or_dir}' is not built: run "
+                                f"'green-mlops models build {name_or_dir}'")
+        return load_model_dir(path)
+    path = Path(name_or_dir)
+    if not path.exists():
+        raise ModelDirError(f"no model '{name_or_dir}': not an embedded model "
+                            f"({', '.join(EMBEDDED)}) and no such directory")
+    return load_model_dir(path)

@@ -1,0 +1,1 @@
+"""Reports: pure functions from recorded results to figures, tables and claim verdicts."""

@@ -1,0 +1,124 @@
+"""Figures and claim verdicts of the standard-vs-bio ablation, and their console tables."""
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from reports.stats import accuracy_loss_pp, latency_summary, mean_reduction_pct, paired_bootstrap_ci
+
+# The paper's Table III (DistilBERT, SST-2, batch 1, A100).
+PAPER_LATENCY_REDUCTION_PCT = 42.0
+PAPER_ACCURACY_LOSS_PP = 0.5
+PAPER_ADMISSION_RATE = 0.58
+
+
+def mode_figures(latency_ms, correct, wall_s: float, admitted=None) -> dict:
+    summary = latency_summary(latency_ms)
+    figures = {
+        "mean_latency_ms": summary["mean_ms"],
+        "p50_ms": summary["p50_ms"],
+        "p95_ms": summary["p95_ms"],
+        "p99_ms": summary["p99_ms"],
+        "throughput_rps": summary["n"] / wall_s if wall_s > 0 else None,
+        "accuracy": float(np.mean(correct)) if len(correct) else None,
+        "n_requests": summary["n"],
+    }
+    if admitted is not None:
+        figures["admission_rate"] = float(np.mean(admitted)) if len(admitted) else None
+    return figures
+
+
+def claims(latency_reduction_pct: float, accuracy_loss: float, accuracy_ci: list[float]) -> list[dict]:
+    """The paper's two headline claims, each with the figure it rests on and whether it held."""
+    return [
+        {"name": "latency_reduction", "target": f">= {PAPER_LATENCY_REDUCTION_PCT:g} %",
+         "measured": round(latency_reduction_pct, 3),
+         "passed": bool(latency_reduction_pct >= PAPER_LATENCY_REDUCTION_PCT)},
+        {"name": "accuracy_loss", "target": f"<= {PAPER_ACCURACY_LOSS_PP:g} pp",
+         "measured": round(accuracy_loss, 3), "ci95": [round(v, 3) for v in accuracy_ci],
+         "passed": bool(accuracy_loss <= PAPER_ACCURACY_LOSS_PP)},
+    ]
+
+
+def summarise(result, provider: str, model: str, config: dict) -> dict:
+    """The validate JSON document (see README) from an ``AblationResult``."""
+    labels = result.labels
+    std_latency, bio_latency = np.asarray(result.standard.latency_ms), np.asarray(result.bio.latency_ms)
+    std_correct = np.asarray(result.standard.predicted) == labels
+    bio_correct = np.asarray(result.bio.predicted) == labels
+    clusters = result.request_index
+    loss = accuracy_loss_pp(std_correct, bio_correct)
+    loss_ci = list(paired_bootstrap_ci(std_correct, bio_correct, accuracy_loss_pp, clusters=clusters))
+    reduction = mean_reduction_pct(std_latency, bio_latency)
+    reduction_ci = list(paired_bootstrap_ci(std_latency, bio_latency, mean_reduction_pct))
+    actions = {a: int(n) for a, n in zip(*np.unique(result.bio.actions, return_counts=True))}
+    return {
+        "model": model,
+        "provider": provider,
+        "latency_reduction_pct": reduction,
+        "latency_reduction_ci95_pct": reduction_ci,
+        "accuracy_loss_pp": loss,
+        "accuracy_loss_ci95_pp": loss_ci,
+        "admission_rate": float(np.mean(result.bio.admitted)),
+        "oracle_skip_rate": float(np.mean(result.oracle_agree)),
+        "standard": mode_figures(std_latency, std_correct, result.standard.wall_s),
+        "bio": {**mode_figures(bio_latency, bio_correct, result.bio.wall_s, result.bio.admitted),
+                "actions": actions, "tau_final": result.bio.tau[-1] if result.bio.tau else None},
+        "claims": claims(reduction, loss, loss_ci),
+        "warmup": {"standard_requests": result.warmup_standard, "bio_requests": result.warmup_bio,
+                   "tau_settled": result.tau_settled},
+        "energy": {"source": "none",
+                   "note": "no energy meter attached: the controller's energy term β·ê is 0"},
+        "controller": config,
+    }
+
+
+def _ms(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def print_summary(summary: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"standard vs bio · model {summary['model']} · {summary['provider']} · "
+                        "latency in ms")
+    table.add_column("mode")
+    for name in ("n", "mean", "p50", "p95", "p99", "req/s", "acc", "admit"):
+        table.add_column(name, justify="right")
+    for mode in ("standard", "bio"):
+        f = summary[mode]
+        table.add_row(mode, str(f["n_requests"]), _ms(f["mean_latency_ms"]), _ms(f["p50_ms"]),
+                      _ms(f["p95_ms"]), _ms(f["p99_ms"]), f"{f['throughput_rps']:.0f}",
+                      f"{100 * f['accuracy']:.2f} %",
+                      "100 %" if mode == "standard" else f"{100 * f['admission_rate']:.1f} %")
+    console.print(table)
+    lo, hi = summary["latency_reduction_ci95_pct"]
+    console.print(f"latency reduction {summary['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f})")
+    lo, hi = summary["accuracy_loss_ci95_pp"]
+    console.print(f"accuracy loss {summary['accuracy_loss_pp']:.2f} pp (95 % paired-bootstrap CI "
+                  f"{lo:.2f} … {hi:.2f})")
+    console.print(f"admission rate {100 * summary['admission_rate']:.1f} % · oracle could skip "
+                  f"{100 * summary['oracle_skip_rate']:.1f} % at zero accuracy loss "
+                  f"(paper: {100 * PAPER_ADMISSION_RATE:.0f} % admitted)")
+    console.print("energy: not measured (no meter attached; β·ê = 0)")
+    verdicts = Table(title="claims (paper, Table III)")
+    for name in ("claim", "target", "measured", "verdict"):
+        verdicts.add_column(name)
+    for claim in summary["claims"]:
+        verdicts.add_row(claim["name"], claim["target"], f"{claim['measured']:.2f}",
+                         "[green]held[/]" if claim["passed"] else "[red]not held[/]")
+    console.print(verdicts)
+
+
+def print_sweep(points: list[dict], standard: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="τ∞ sweep (τ fixed, measured)")
+    for name in ("τ∞", "admitted", "mean ms", "latency reduction", "accuracy"):
+        table.add_column(name, justify="right")
+    table.add_row("standard", "100 %", _ms(standard["mean_latency_ms"]), "–",
+                  f"{100 * standard['accuracy']:.2f} %")
+    for p in points:
+        reduction = 100 * (1 - p["mean_latency_ms"] / standard["mean_latency_ms"])
+        table.add_row(f"{p['tau_inf']:.3f}", f"{100 * p['admission_rate']:.1f} %",
+                      _ms(p["mean_latency_ms"]), f"{reduction:.1f} %", f"{100 * p['accuracy']:.2f} %")
+    console.print(table)

@@ -1,0 +1,1 @@
+"""Inference targets: model directories, backends (ONNX Runtime, Triton) and the τ(t) controller."""

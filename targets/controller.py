@@ -1,0 +1,215 @@
+"""The bio-inspired τ(t) admission controller (DESIGN.md §1, with the paper's sign error resolved).
+
+For each request::
+
+    J = α·(1 − u) + β·ê + γ·ĉ        admit  ⇔  J ≤ τ(t)        τ(t) = τ∞ + (τ0 − τ∞)·e^(−k·t)
+
+* ``u`` in [0, 1]: uncertainty of the exit head's answer (high u: the full model is worth running).
+* ``ê`` in [0, 1]: EWMA of energy per request over a reference budget; 0 while no meter feeds it,
+  and every decision records which source (``none`` then) it came from.
+* ``ĉ`` in [0, 1]: congestion, ``max((in_flight − 1)/capacity, p95_recent_ms/slo_ms)`` clipped.
+* ``t``: seconds since the controller started, on an injectable clock.
+
+A request that is not admitted takes the configured skip action: ``exit`` (the exit head's
+answer), ``cache`` (an earlier full answer for the same input, else the exit head's) or
+``reject`` (no answer). All methods are thread-safe.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from targets.controller_config import ControllerConfig
+
+ACTION_FULL, ACTION_EXIT, ACTION_CACHE, ACTION_REJECT = "full", "exit", "cache", "reject"
+P95_REFRESH_EVERY = 16  # finished requests between recomputations of the recent p95
+
+
+def uncertainty(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """Per-row uncertainty in [0, 1] of class probabilities ``(n, c)``.
+
+    ``entropy``: Shannon entropy over log(c). ``least_confidence``: (1 − max p) over (1 − 1/c).
+    ``margin``: 1 − (p_top1 − p_top2). All are 0 for a one-hot row and 1 for a uniform one.
+    """
+    n_classes = probabilities.shape[1]
+    if kind == "entropy":
+        p = np.clip(probabilities, 1e-12, 1.0)
+        u = -(probabilities * np.log(p)).sum(axis=1) / math.log(n_classes)
+    elif kind == "least_confidence":
+        u = (1.0 - probabilities.max(axis=1)) / (1.0 - 1.0 / n_classes)
+    elif kind == "margin":
+        top2 = np.partition(probabilities, n_classes - 2, axis=1)[:, -2:]
+        u = 1.0 - (top2[:, 1] - top2[:, 0])
+    else:
+        raise ValueError(f"unknown uncertainty '{kind}'")
+    return np.clip(u, 0.0, 1.0)
+
+
+def input_key(row: np.ndarray) -> bytes:
+    """Cache key of one input: a 128-bit BLAKE2 hash of its bytes, dtype and shape."""
+    digest = hashlib.blake2b(row.tobytes(), digest_size=16)
+    digest.update(f"{row.dtype}{row.shape}".encode())
+    return digest.digest()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the controller did for one request, and the signals it rested on."""
+
+    t_s: float
+    u: float
+    energy_norm: float
+    energy_source: str
+    congestion: float
+    j: float
+    tau: float
+    admitted: bool
+    action: str
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+
+class BioController:
+    """Decides, per request, whether the full model runs; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        clock: Callable[[], float] = time.monotonic,
+        on_decision: Callable[[Decision], None] | None = None,
+    ):
+        self.config = config
+        self._clock = clock
+        self._started_s = clock()
+        self._on_decision = on_decision
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._latencies_ms: deque[float] = deque(maxlen=config.latency_window)
+        self._since_p95 = 0
+        self._p95_ms = 0.0
+        self._energy_j_per_request: float | None = None
+        self._energy_source = "none"
+        self._recent_admitted: deque[bool] = deque(maxlen=config.latency_window)
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.decisions = 0
+        self.admitted = 0
+
+    # --- signals -------------------------------------------------------------------------
+    def elapsed_s(self) -> float:
+        return self._clock() - self._started_s
+
+    def tau(self, elapsed_s: float | None = None) -> float:
+        """τ(t) at ``elapsed_s`` seconds since start (now when omitted)."""
+        c = self.config
+        t = self.elapsed_s() if elapsed_s is None else elapsed_s
+        return c.tau_inf + (c.tau0 - c.tau_inf) * math.exp(-c.k_per_s * max(t, 0.0))
+
+    def energy_norm(self) -> float:
+        """ê: the energy-per-request EWMA over ``energy_ref_j``, clipped to [0, 1]; 0 if unmeasured."""
+        if self._energy_j_per_request is None:
+            return 0.0
+        return min(max(self._energy_j_per_request / self.config.energy_ref_j, 0.0), 1.0)
+
+    def congestion(self) -> float:
+        """ĉ: the larger of queue occupancy beyond this request and recent p95 over the SLO."""
+        queue = (self._in_flight - 1) / self.config.capacity
+        latency = self._p95_ms / self.config.slo_ms
+        return min(max(queue, latency, 0.0), 1.0)
+
+    def observe_energy(self, joules_per_request: float, source: str) -> None:
+        """Feed one energy-per-request reading (e.g. a profiler window) into the EWMA behind ê."""
+        if not math.isfinite(joules_per_request) or joules_per_request < 0:
+            return
+        with self._lock:
+            previous = self._energy_j_per_request
+            w = self.config.energy_ewma_weight
+            self._energy_j_per_request = (
+                joules_per_request if previous is None else w * joules_per_request + (1 - w) * previous
+            )
+            self._energy_source = source
+
+    def request_started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def request_finished(self, latency_ms: float) -> None:
+        with self._lock:
+            self._in_flight = max(self._in_flight - 1, 0)
+            self._latencies_ms.append(latency_ms)
+            self._since_p95 += 1
+            if self._since_p95 >= P95_REFRESH_EVERY:
+                self._p95_ms = float(np.percentile(self._latencies_ms, 95))
+                self._since_p95 = 0
+
+    # --- decisions -----------------------------------------------------------------------
+    def decide(self, u: float, key: bytes | None = None) -> Decision:
+        """Admit or skip one request whose exit head has uncertainty ``u``.
+
+        ``key`` (see :func:`input_key`) is needed only by the ``cache`` skip action.
+        """
+        c = self.config
+        with self._lock:
+            elapsed = self.elapsed_s()
+            tau = self.tau(elapsed)
+            energy, congestion = self.energy_norm(), self.congestion()
+            j = c.alpha * (1.0 - u) + c.beta * energy + c.gamma * congestion
+            admitted = j <= tau
+            if admitted:
+                action = ACTION_FULL
+            elif c.skip_action == ACTION_CACHE and key is not None and key in self._cache:
+                self._cache.move_to_end(key)
+                action = ACTION_CACHE
+            elif c.skip_action == ACTION_REJECT:
+                action = ACTION_REJECT
+            else:
+                action = ACTION_EXIT
+            self.decisions += 1
+            self.admitted += admitted
+            self._recent_admitted.append(admitted)
+            decision = Decision(elapsed, float(u), energy, self._energy_source, congestion,
+                                float(j), tau, bool(admitted), action)
+        if self._on_decision is not None:
+            self._on_decision(decision)
+        return decision
+
+    def cached(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            return self._cache.get(key)
+
+    def remember(self, key: bytes, probabilities: np.ndarray) -> None:
+        """Keep a full-model answer for the ``cache`` skip action (LRU, ``cache_size`` entries)."""
+        if self.config.cache_size <= 0:
+            return
+        with self._lock:
+            self._cache[key] = probabilities
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.config.cache_size:
+                self._cache.popitem(last=False)
+
+    def state(self) -> dict:
+        """The live state: τ, signals, counters and the admission rate over the recent window."""
+        with self._lock:
+            recent = list(self._recent_admitted)
+            return {
+                "t_s": self.elapsed_s(),
+                "tau": self.tau(),
+                "energy_norm": self.energy_norm(),
+                "energy_source": self._energy_source,
+                "energy_j_per_request": self._energy_j_per_request,
+                "congestion": self.congestion(),
+                "in_flight": self._in_flight,
+                "p95_recent_ms": self._p95_ms,
+                "decisions": self.decisions,
+                "admitted": self.admitted,
+                "admission_rate_recent": (sum(recent) / len(recent)) if recent else None,
+                "cache_entries": len(self._cache),
+                "config": asdict(self.config),
+            }

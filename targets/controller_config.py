@@ -1,0 +1,113 @@
+"""Controller parameters: documented defaults, a TOML file's ``[controller]`` table, CLI flags.
+
+Precedence, lowest first: defaults, the model's calibration hint (``model.json`` →
+``controller.uncertainty_skip_below`` sets τ∞ = α·(1 − u*)), the TOML file, explicit flags.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from targets.errors import ConfigError
+
+UNCERTAINTIES = ("entropy", "least_confidence", "margin")
+SKIP_ACTIONS = ("exit", "cache", "reject")
+DEFAULT_TAU_INF = 0.8
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Every knob of the τ(t) controller. ``tau0=None`` means α+β+γ (admit everything at t=0)."""
+
+    alpha: float = 1.0  # weight of (1 − u): performance / accuracy priority
+    beta: float = 0.25  # weight of ê: ecology priority
+    gamma: float = 0.5  # weight of ĉ: congestion priority
+    tau0: float | None = None
+    tau_inf: float = DEFAULT_TAU_INF
+    k_per_s: float = 1.0  # decay rate of τ(t), per second
+    uncertainty: str = "entropy"
+    skip_action: str = "exit"
+    capacity: int = 8  # in-flight requests that count as full congestion
+    slo_ms: float = 100.0  # latency objective the recent p95 is compared with
+    latency_window: int = 256  # requests in the recent-latency and admission-rate windows
+    energy_ref_j: float = 1.0  # joules per request that count as ê = 1
+    energy_ewma_weight: float = 0.2  # weight of the newest reading in the energy EWMA
+    cache_size: int = 4096  # entries of the LRU answer cache (skip action 'cache')
+
+    def __post_init__(self):
+        if self.tau0 is None:
+            object.__setattr__(self, "tau0", self.alpha + self.beta + self.gamma)
+        for name in ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "slo_ms", "energy_ref_j"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"controller.{name} must be a finite number, got {value!r}")
+        for name in ("alpha", "beta", "gamma", "k_per_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"controller.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("slo_ms", "energy_ref_j"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"controller.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("capacity", "latency_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"controller.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.cache_size, int) or self.cache_size < 0:
+            raise ConfigError(f"controller.cache_size must be an integer >= 0, got {self.cache_size!r}")
+        if not 0 < self.energy_ewma_weight <= 1:
+            raise ConfigError(f"controller.energy_ewma_weight must be in (0, 1], got {self.energy_ewma_weight}")
+        if self.uncertainty not in UNCERTAINTIES:
+            raise ConfigError(f"controller.uncertainty must be one of {', '.join(UNCERTAINTIES)}, "
+                              f"got {self.uncertainty!r}")
+        if self.skip_action not in SKIP_ACTIONS:
+            raise ConfigError(f"controller.skip_action must be one of {', '.join(SKIP_ACTIONS)}, "
+                              f"got {self.skip_action!r}")
+
+
+FIELD_NAMES = tuple(f.name for f in fields(ControllerConfig))
+
+
+def read_toml(path: str | Path) -> dict:
+    """The ``[controller]`` table of a TOML file; ConfigError for a missing or malformed file."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    unknown_tables = set(document) - {"controller"}
+    if unknown_tables:
+        raise ConfigError(f"config file {path}: unknown table(s) {sorted(unknown_tables)}; "
+                          "expected [controller]")
+    table = document.get("controller", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: 'controller' must be a table")
+    return table
+
+
+def build_config(
+    model_hints: dict | None = None,
+    toml_path: str | Path | None = None,
+    overrides: dict | None = None,
+) -> ControllerConfig:
+    """Resolve a ControllerConfig from defaults, model hints, a TOML file and flag overrides."""
+    values: dict = {}
+    if toml_path is not None:
+        values.update(read_toml(toml_path))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(values) - set(FIELD_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown controller setting(s) {sorted(unknown)}; known: {', '.join(FIELD_NAMES)}")
+    skip_below = (model_hints or {}).get("uncertainty_skip_below")
+    if "tau_inf" not in values and isinstance(skip_below, (int, float)):
+        alpha = values.get("alpha", ControllerConfig.alpha)
+        if isinstance(alpha, (int, float)):
+            values["tau_inf"] = alpha * (1.0 - float(skip_below))
+    try:
+        return ControllerConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(f"bad controller setting: {exc}") from exc
