@@ -121,7 +121,7 @@ def _run_validate(args) -> int:
         console.print(f"figures written to {args.json_path}")
     if args.gate and not all(c["passed"] for c in summary["claims"]):
         failed = ", ".join(c["name"] for c in summary["claims"] if not c["passed"])
-        stderr.print(f"gate: claim(s) not held: {failed}")
+        stderr.print(f"gate: claim(s) not held: {failed}", soft_wrap=True)
         return EXIT_GATE
     return 0
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except GreenMLOpsError as exc:
-        stderr.print(f"[red]error:[/] {exc}", highlight=False)
+        stderr.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         stderr.print("interrupted")

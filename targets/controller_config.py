@@ -37,12 +37,16 @@ class ControllerConfig:
     cache_size: int = 4096  # entries of the LRU answer cache (skip action 'cache')
 
     def __post_init__(self):
-        if self.tau0 is None:
-            object.__setattr__(self, "tau0", self.alpha + self.beta + self.gamma)
-        for name in ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "slo_ms", "energy_ref_j"):
+        numbers = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "slo_ms", "energy_ref_j",
+                   "energy_ewma_weight")
+        for name in numbers:
             value = getattr(self, name)
+            if name == "tau0" and value is None:
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"controller.{name} must be a finite number, got {value!r}")
+        if self.tau0 is None:
+            object.__setattr__(self, "tau0", self.alpha + self.beta + self.gamma)
         for name in ("alpha", "beta", "gamma", "k_per_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"controller.{name} must be >= 0, got {getattr(self, name)}")

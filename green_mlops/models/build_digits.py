@@ -125,14 +125,14 @@ def _augment(torch, batch):
     return padded[:, :, dy : dy + 8, dx : dx + 8]
 
 
-def _train(torch, full, x_train, y_train, log):
+def _train(torch, full, x_train, y_train, epochs, log):
     generator = torch.Generator().manual_seed(SEED)
     optimiser = torch.optim.AdamW(full.parameters(), lr=3e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=3e-3, total_steps=EPOCHS * ((len(x_train) + BATCH_SIZE - 1) // BATCH_SIZE)
+        optimiser, max_lr=3e-3, total_steps=epochs * ((len(x_train) + BATCH_SIZE - 1) // BATCH_SIZE)
     )
     loss_fn = torch.nn.CrossEntropyLoss()
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         full.train()
         order = torch.randperm(len(x_train), generator=generator)
         total = 0.0
@@ -146,8 +146,8 @@ def _train(torch, full, x_train, y_train, log):
             optimiser.step()
             scheduler.step()
             total += loss.item() * len(idx)
-        if (epoch + 1) % 10 == 0:
-            log(f"  epoch {epoch + 1}/{EPOCHS}  loss {total / len(order):.4f}")
+        if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
+            log(f"  epoch {epoch + 1}/{epochs}  loss {total / len(order):.4f}")
 
 
 def _normalised_entropy(logits: np.ndarray) -> np.ndarray:
@@ -188,8 +188,11 @@ def _export(torch, module, example, path: Path, input_names, output_names) -> No
     )
 
 
-def build(out_dir: Path, log=print) -> dict:
-    """Train, export and describe the ``digits`` model in ``out_dir``; returns its model.json."""
+def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
+    """Train, export and describe the ``digits`` model in ``out_dir``; returns its model.json.
+
+    ``epochs`` below the default gives a quick, less accurate model (tests use it).
+    """
     try:
         import torch
         from sklearn.datasets import load_digits
@@ -216,7 +219,7 @@ def build(out_dir: Path, log=print) -> dict:
     stage1, stage2 = Stage1(), Stage2()
     full = Full(stage1, stage2)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
-    _train(torch, full, x_all[train], y_all[train], log)
+    _train(torch, full, x_all[train], y_all[train], epochs, log)
     full.eval()
 
     with torch.no_grad():
@@ -264,7 +267,7 @@ def build(out_dir: Path, log=print) -> dict:
             "seed": SEED,
             "split": {"train": int(len(train)), "validation": int(len(val)),
                       "heldout": int(len(test)), "heldout_duplicates_dropped": dropped},
-            "epochs": EPOCHS,
+            "epochs": epochs,
             "accuracy": accuracy,
             "torch": torch.__version__,
             "opset": OPSET,

@@ -1,0 +1,68 @@
+"""Ratio gates over pytest-benchmark results (thresholds in ratios.toml beside this file).
+
+Each ratio is a statistic (``stat``: median by default, or mean) of one benchmark over the same
+statistic of another from the same session. The
+ratios land in the numerator's ``extra_info`` (so in ``--benchmark-json`` and saved runs), print
+as a table at the end, and fail the session when one exceeds its ``max``.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+RATIOS_FILE = Path(__file__).with_name("ratios.toml")
+_fixtures: dict[str, object] = {}
+_results: list[dict] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-ratio-gate", action="store_true",
+                     help="report benchmark ratios without failing the session")
+
+
+@pytest.fixture(autouse=True)
+def _remember_benchmark(request):
+    if "benchmark" in request.fixturenames:
+        _fixtures[request.node.originalname] = request.getfixturevalue("benchmark")
+    yield
+
+
+def _statistic_s(name: str, stat: str) -> float | None:
+    fixture = _fixtures.get(name)
+    stats = getattr(fixture, "stats", None)
+    return None if stats is None else getattr(stats.stats, stat)
+
+
+def compute_ratios() -> list[dict]:
+    rules = tomllib.loads(RATIOS_FILE.read_text())["ratio"]
+    results = []
+    for rule in rules:
+        stat = rule.get("stat", "median")
+        top, bottom = _statistic_s(rule["numerator"], stat), _statistic_s(rule["denominator"], stat)
+        if top is None or bottom is None or bottom == 0:
+            continue
+        ratio = top / bottom
+        result = {**rule, "stat": stat, "ratio": ratio, "passed": ratio <= rule["max"]}
+        _fixtures[rule["numerator"]].extra_info[f"ratio: {rule['name']}"] = round(ratio, 6)
+        results.append(result)
+    return results
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    _results[:] = compute_ratios()
+    if not session.config.getoption("--no-ratio-gate") and any(not r["passed"] for r in _results):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _results:
+        return
+    terminalreporter.section("benchmark ratios (same run)")
+    for r in _results:
+        verdict = "ok" if r["passed"] else "FAIL"
+        terminalreporter.write_line(f"{verdict:4}  {r['name']:32} {r['ratio']:10.4f}   "
+                                  f"({r['stat']}, max {r['max']})")

@@ -1,0 +1,117 @@
+"""`green-mlops validate` end to end, and the CLI's answers to bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from green_mlops.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "green_mlops.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick_validate(tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate") / "v.json"
+    assert main(["validate", "--requests", "400", "--warmup", "50", "--k", "50",
+                 "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_validate_json_has_the_documented_keys(quick_validate):
+    v = quick_validate
+    for key in ("latency_reduction_pct", "accuracy_loss_pp", "accuracy_loss_ci95_pp", "admission_rate",
+                "oracle_skip_rate", "standard", "bio", "claims", "provider"):
+        assert key in v
+    for mode in ("standard", "bio"):
+        assert set(v[mode]) >= {"mean_latency_ms", "p50_ms", "p95_ms", "p99_ms", "throughput_rps",
+                                "accuracy", "n_requests"}
+        assert v[mode]["n_requests"] == 400
+        assert v[mode]["p50_ms"] <= v[mode]["p95_ms"] <= v[mode]["p99_ms"]
+    lo, hi = v["accuracy_loss_ci95_pp"]
+    assert lo <= v["accuracy_loss_pp"] <= hi
+    assert [c["name"] for c in v["claims"]] == ["latency_reduction", "accuracy_loss"]
+    assert all(set(c) >= {"name", "target", "measured", "passed"} for c in v["claims"])
+    assert v["provider"] == "CPUExecutionProvider"
+    assert v["energy"]["source"] == "none"
+
+
+def test_validate_figures_are_consistent(quick_validate):
+    v = quick_validate
+    assert 0.0 <= v["admission_rate"] <= 1.0 and 0.0 <= v["oracle_skip_rate"] <= 1.0
+    assert v["bio"]["admission_rate"] == v["admission_rate"]
+    assert sum(v["bio"]["actions"].values()) == 400
+    assert v["bio"]["actions"].get("full", 0) == round(400 * v["admission_rate"])
+    expected = 100 * (1 - v["bio"]["mean_latency_ms"] / v["standard"]["mean_latency_ms"])
+    assert v["latency_reduction_pct"] == pytest.approx(expected)
+    expected_loss = 100 * (v["standard"]["accuracy"] - v["bio"]["accuracy"])
+    assert v["accuracy_loss_pp"] == pytest.approx(expected_loss)
+    assert v["warmup"]["tau_settled"]
+
+
+def test_gate_fails_when_a_claim_does_not_hold(tmp_path):
+    out = tmp_path / "v.json"
+    # τ = 0 skips every request: the exit head alone loses more than 0.5 pp on digits.
+    code = main(["validate", "--requests", "300", "--warmup", "20", "--tau0", "0", "--tau-inf", "0",
+                 "--gate", "--json", str(out)])
+    v = json.loads(out.read_text())
+    assert v["admission_rate"] == 0.0
+    accuracy_claim = next(c for c in v["claims"] if c["name"] == "accuracy_loss")
+    assert code == (0 if accuracy_claim["passed"] else 1)
+    assert not accuracy_claim["passed"]
+
+
+def test_sweep_measures_a_curve(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["validate", "--requests", "200", "--warmup", "20", "--k", "50", "--sweep",
+                 "--sweep-points", "3", "--json", str(out)]) == 0
+    sweep = json.loads(out.read_text())["sweep"]
+    assert 1 <= len(sweep) <= 3
+    rates = [p["admission_rate"] for p in sorted(sweep, key=lambda p: p["tau_inf"])]
+    assert rates == sorted(rates)  # a higher threshold admits at least as much
+    assert "sweep" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["validate", "--model", "/nonexistent/model"], "no model"),
+        (["validate", "--requests", "0"], "must be >= 1"),
+        (["validate", "--tau-inf", "abc"], "invalid float value"),
+        (["validate", "--uncertainty", "vibes"], "invalid choice"),
+    ],
+)
+def test_bad_input_gives_a_message_not_a_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_malformed_toml_gives_a_message(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[controller\nalpha=")
+    result = run_cli("validate", "--config", str(bad))
+    assert result.returncode == 2
+    assert "not valid TOML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_incomplete_model_dir_gives_a_message(tmp_path):
+    (tmp_path / "model.json").write_text("{}")
+    result = run_cli("validate", "--model", str(tmp_path))
+    assert result.returncode == 2
+    assert "missing key 'full'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unwritable_json_path_gives_a_message(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_cli("validate", "--requests", "50", "--warmup", "5", "--k", "100",
+                     "--json", str(blocker / "v.json"))
+    assert result.returncode == 2
+    assert "cannot write" in result.stderr and "Traceback" not in result.stderr
