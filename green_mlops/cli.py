@@ -67,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--sweep-points", type=_positive_int, default=7)
     _add_controller_flags(validate)
 
+    serve = commands.add_parser("serve", help="the gateway: controlled inference over KServe v2 HTTP")
+    serve.add_argument("--model", default="digits", help="embedded model name or model directory")
+    serve.add_argument("--controller", choices=("bio", "off"), default="bio")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    serve.add_argument("--max-concurrency", type=_positive_int, default=4, help="inference threads")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
+                       help="larger request bodies get 413 (default 1 MiB)")
+    serve.add_argument("--max-batch", type=_positive_int, default=256)
+    serve.add_argument("--drain-timeout-s", type=float, default=30.0,
+                       help="on SIGTERM, how long in-flight requests may take to finish")
+    _add_controller_flags(serve)
+
     models = commands.add_parser("models", help="build the embedded models")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     build = model_commands.add_parser("build", help="train and export a model (needs the 'models' extra)")
@@ -126,6 +140,47 @@ def _run_validate(args) -> int:
     return 0
 
 
+def _run_serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """Drains on SIGTERM/SIGINT, then returns (uvicorn would re-raise the signal: exit 0 instead)."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            getattr(self, "_captured_signals", []).clear()
+
+    from green_mlops.models import resolve_model
+    from targets.controller import BioController
+    from targets.gateway import GatewaySettings, create_app
+    from targets.ort_target import OnnxRuntimeTarget
+
+    spec = resolve_model(args.model)
+    controller = None if args.controller == "off" else BioController(controller_config(args, spec))
+    backend = OnnxRuntimeTarget(spec, device=args.device)
+    settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
+                               max_batch=args.max_batch)
+    app = create_app(spec, backend, controller, settings)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise GreenMLOpsError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=args.drain_timeout_s)
+    print(f"green-mlops gateway: model {spec.name} · controller {args.controller} · {backend.provider} · "
+          f"listening on http://{host}:{port}", flush=True)
+    DrainingServer(config).run(sockets=[sock])
+    print("green-mlops gateway: stopped", flush=True)
+    return 0
+
+
 def _run_models_build(args) -> int:
     from green_mlops.models import EMBEDDED
     from green_mlops.models.build_digits import build
@@ -137,7 +192,7 @@ def _run_models_build(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _run_validate, "models": _run_models_build}
+    handlers = {"validate": _run_validate, "serve": _run_serve, "models": _run_models_build}
     try:
         return handlers[args.command](args)
     except GreenMLOpsError as exc:

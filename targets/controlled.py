@@ -39,11 +39,16 @@ class Outcome:
 
 
 class ControlledTarget:
-    """``predict(batch) -> list[Outcome]``, one per row, the controller deciding per row."""
+    """``predict(batch) -> list[Outcome]``, one per row, the controller deciding per row.
 
-    def __init__(self, backend: EarlyExitBackend, controller: BioController | None):
+    With ``track_load`` (default) each call counts as in flight for the controller's congestion
+    signal while it runs; a server that measures arrival-to-answer itself passes False.
+    """
+
+    def __init__(self, backend: EarlyExitBackend, controller: BioController | None, track_load: bool = True):
         self.backend = backend
         self.controller = controller
+        self.track_load = track_load
 
     @property
     def provider(self) -> str:
@@ -55,6 +60,8 @@ class ControlledTarget:
         controller = self.controller
         if controller is None:
             return [Outcome(row, None) for row in self.backend.full_probabilities(batch)]
+        if not self.track_load:
+            return self._controlled(batch, controller)
         started_ns = time.perf_counter_ns()
         for _ in range(len(batch)):
             controller.request_started()

@@ -1,0 +1,236 @@
+"""Path A: a FastAPI gateway serving a controlled target over the KServe v2 / Triton HTTP protocol.
+
+Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
+``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``,
+``GET /v2/controller`` and ``GET /metrics`` (Prometheus).
+
+Inference runs in a thread pool of ``max_concurrency`` workers, off the event loop. A request
+counts as in flight from arrival to answer (queued or running): that count and the recent p95 of
+those end-to-end latencies are the controller's congestion signal ĉ. Every answer, errors
+included, is JSON with a message; bad input is a 4xx, never a 5xx.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from targets.controlled import ControlledTarget, EarlyExitBackend, Outcome
+from targets.controller import ACTION_REJECT, BioController
+from targets.errors import InputError
+from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
+from targets.model_dir import ModelSpec
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    max_concurrency: int = 4  # inference worker threads
+    max_body_bytes: int = 1 << 20  # larger bodies get 413
+    max_batch: int = 256
+    retry_after_s: int = 1  # Retry-After of a rejected request's 503
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+class _Metrics:
+    """The gateway's Prometheus series, in a registry of its own (one per app)."""
+
+    def __init__(self, target: ControlledTarget, in_flight):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("green_mlops_requests", "Infer requests by model, outcome and action",
+                                ["model", "outcome", "action"], registry=self.registry)
+        self.latency = Histogram("green_mlops_request_latency_seconds",
+                                 "End-to-end infer latency (arrival to answer)", ["model", "action"],
+                                 buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        Gauge("green_mlops_in_flight", "Infer requests queued or running",
+              registry=self.registry).set_function(in_flight)
+        controller = target.controller
+        if controller is not None:
+            state = controller.state
+            Gauge("green_mlops_tau", "Current threshold tau(t)", registry=self.registry
+                  ).set_function(controller.tau)
+            Gauge("green_mlops_admission_rate", "Admission rate over the recent window",
+                  registry=self.registry).set_function(lambda: state()["admission_rate_recent"] or 0.0)
+            Gauge("green_mlops_congestion", "Congestion signal c_hat in [0, 1]",
+                  registry=self.registry).set_function(controller.congestion)
+            Gauge("green_mlops_energy_norm", "Energy signal e_hat in [0, 1] (0 when unmeasured)",
+                  registry=self.registry).set_function(controller.energy_norm)
+
+
+def _decision_parameters(outcomes: list[Outcome]) -> dict:
+    """KServe parameters are scalars: one row gives scalars, n rows comma-joined strings."""
+    decisions = [o.decision for o in outcomes]
+    if decisions[0] is None:
+        return {"admitted": True, "action": "full", "controller": "off"}
+    if len(decisions) == 1:
+        d = decisions[0]
+        return {"admitted": d.admitted, "action": d.action, "j": d.j, "tau": d.tau, "u": d.u}
+    return {
+        "admitted": ",".join("true" if d.admitted else "false" for d in decisions),
+        "action": ",".join(d.action for d in decisions),
+        "j": ",".join(f"{d.j:.6g}" for d in decisions),
+        "tau": ",".join(f"{d.tau:.6g}" for d in decisions),
+        "u": ",".join(f"{d.u:.6g}" for d in decisions),
+    }
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    spec: ModelSpec,
+    backend: EarlyExitBackend,
+    controller: BioController | None,
+    settings: GatewaySettings = GatewaySettings(),
+) -> FastAPI:
+    """A FastAPI app serving ``backend`` under ``controller`` (None: the standard path)."""
+    executor = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="infer")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        executor.shutdown(wait=True)
+
+    app = FastAPI(title="green-mlops gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # The gateway measures load from arrival to answer itself, queueing included.
+    target = ControlledTarget(backend, controller, track_load=False)
+    in_flight = [0]
+    metrics = _Metrics(target, lambda: in_flight[0])
+    n_classes = len(spec.classes)
+    metadata = {
+        "name": spec.name,
+        "versions": ["1"],
+        "platform": "green-mlops/onnxruntime",
+        "inputs": [{"name": spec.input_name, "datatype": datatype_of(spec.input_dtype),
+                    "shape": list(spec.input_shape)}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, n_classes]}],
+        "parameters": {"classes": ",".join(spec.classes), "provider": target.provider,
+                       "controller": "off" if controller is None else "bio"},
+    }
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return _error(400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):  # a bug, not bad input: still JSON, still logged
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _model_or_404(name: str):
+        if name != spec.name:
+            return _error(404, f"unknown model '{name}': this gateway serves '{spec.name}'")
+        return None
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return {"ready": True}
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "green-mlops", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str = "1"):
+        return _model_or_404(name) or metadata
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str = "1"):
+        return _model_or_404(name) or {"name": name, "ready": True}
+
+    @app.get("/v2/controller")
+    async def controller_state():
+        if controller is None:
+            return {"controller": "off"}
+        return {"controller": "bio", **controller.state()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str = "1"):
+        missing = _model_or_404(name)
+        if missing is not None:
+            metrics.requests.labels(name[:64], "client_error", "none").inc()
+            return missing
+        started_ns = time.perf_counter_ns()
+        in_flight[0] += 1
+        if controller is not None:
+            controller.request_started()
+        action, outcome_label = "none", "client_error"
+        try:
+            try:
+                body = await _read_body(request, settings.max_body_bytes)
+                decoded = decode_infer_request(body, request.headers.get(HEADER_LENGTH), spec.input_name,
+                                               spec.input_dtype, settings.max_batch)
+                batch = target.backend.check(decoded.batch)
+            except PayloadTooLarge:
+                return _error(413, f"request body exceeds {settings.max_body_bytes} bytes")
+            except InputError as exc:
+                return _error(400, str(exc))
+            loop = asyncio.get_running_loop()
+            outcomes = await loop.run_in_executor(executor, target.predict, batch)
+            parameters = _decision_parameters(outcomes)
+            action = outcomes[0].action if len(outcomes) == 1 else "batch"
+            if any(o.action == ACTION_REJECT for o in outcomes):
+                outcome_label = "rejected"
+                return _error(503, "request not admitted by the controller: retry later",
+                              headers={"Retry-After": str(settings.retry_after_s)}, parameters=parameters)
+            probabilities = np.stack([o.probabilities for o in outcomes])
+            body, headers = encode_infer_response(spec.name, decoded.request_id, probabilities,
+                                                  parameters, decoded.binary_output)
+            outcome_label = "ok"
+            media = "application/octet-stream" if decoded.binary_output else "application/json"
+            return Response(body, media_type=media, headers=headers)
+        except Exception:
+            outcome_label = "server_error"
+            raise
+        finally:
+            in_flight[0] -= 1
+            latency_s = (time.perf_counter_ns() - started_ns) / 1e9
+            if controller is not None:
+                controller.request_finished(latency_s * 1e3)
+            metrics.requests.labels(spec.name, outcome_label, action).inc()
+            if outcome_label in ("ok", "rejected"):
+                metrics.latency.labels(spec.name, action).observe(latency_s)
+
+    return app
