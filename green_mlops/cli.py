@@ -166,8 +166,12 @@ def _run_serve(args) -> int:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this: without it, a response written in two parts waits for
+    # the client's delayed ACK (measured here: 44 ms per request instead of 0.3 ms).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # connections made once the address is printed wait in the backlog
     except (OSError, OverflowError) as exc:
         sock.close()
         raise GreenMLOpsError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc

@@ -40,16 +40,17 @@ def uncertainty(probabilities: np.ndarray, kind: str) -> np.ndarray:
     """
     n_classes = probabilities.shape[1]
     if kind == "entropy":
-        p = np.clip(probabilities, 1e-12, 1.0)
-        u = -(probabilities * np.log(p)).sum(axis=1) / math.log(n_classes)
+        logs = np.log(np.maximum(probabilities, 1e-12))
+        u = np.einsum("ij,ij->i", probabilities, logs) * (-1.0 / math.log(n_classes))
     elif kind == "least_confidence":
-        u = (1.0 - probabilities.max(axis=1)) / (1.0 - 1.0 / n_classes)
+        u = (1.0 - probabilities.max(axis=1)) * (1.0 / (1.0 - 1.0 / n_classes))
     elif kind == "margin":
         top2 = np.partition(probabilities, n_classes - 2, axis=1)[:, -2:]
         u = 1.0 - (top2[:, 1] - top2[:, 0])
     else:
         raise ValueError(f"unknown uncertainty '{kind}'")
-    return np.clip(u, 0.0, 1.0)
+    # np.clip costs more than the entropy itself on one row; min/max bound rounding error.
+    return np.minimum(np.maximum(u, 0.0), 1.0)
 
 
 def input_key(row: np.ndarray) -> bytes:

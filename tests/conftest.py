@@ -38,3 +38,57 @@ class FakeClock:
 @pytest.fixture
 def clock():
     return FakeClock()
+
+
+class Gateway:
+    """A real `green-mlops serve` subprocess on an ephemeral loopback port."""
+
+    def __init__(self, *args: str):
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "green_mlops.cli", "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if "listening on " not in line:
+            self.process.kill()
+            raise RuntimeError(f"gateway did not start: {line}{self.process.stderr.read()}")
+        self.url = line.rsplit("listening on ", 1)[1].strip()
+        self.host_port = self.url.removeprefix("http://")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+
+@pytest.fixture
+def start_gateway():
+    """Start gateways with the given CLI arguments; all are stopped at the end of the test."""
+    started: list[Gateway] = []
+
+    def start(*args: str) -> Gateway:
+        gateway = Gateway(*args)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_bio():
+    gateway = Gateway("--controller", "bio", "--max-body-bytes", "65536")
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_off():
+    gateway = Gateway("--controller", "off", "--max-concurrency", "1")
+    yield gateway
+    gateway.stop()

@@ -44,8 +44,11 @@ def compute_ratios() -> list[dict]:
         if top is None or bottom is None or bottom == 0:
             continue
         ratio = top / bottom
-        result = {**rule, "stat": stat, "ratio": ratio, "passed": ratio <= rule["max"]}
-        _fixtures[rule["numerator"]].extra_info[f"ratio: {rule['name']}"] = round(ratio, 6)
+        result = {**rule, "stat": stat, "ratio": ratio, "difference_ms": (top - bottom) * 1e3,
+                  "passed": ratio <= rule["max"]}
+        extra = _fixtures[rule["numerator"]].extra_info
+        extra[f"ratio: {rule['name']}"] = round(ratio, 6)
+        extra[f"difference ms: {rule['name']}"] = round(result["difference_ms"], 6)
         results.append(result)
     return results
 
@@ -65,4 +68,4 @@ def pytest_terminal_summary(terminalreporter):
     for r in _results:
         verdict = "ok" if r["passed"] else "FAIL"
         terminalreporter.write_line(f"{verdict:4}  {r['name']:32} {r['ratio']:10.4f}   "
-                                  f"({r['stat']}, max {r['max']})")
+                                    f"({r['stat']}, max {r['max']}; difference {r['difference_ms']:+.3f} ms)")
