@@ -33,6 +33,39 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slo-ms", type=float, dest="slo_ms", help="latency objective for ĉ, default 100")
 
 
+def _add_energy_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("energy")
+    group.add_argument("--energy", choices=("auto", "off"), default="auto",
+                       help="auto: every source that reads here (NVML, RAPL, CodeCarbon); off: none")
+    group.add_argument("--country", default="USA", help="ISO 3166 alpha-3 code for CodeCarbon's CO2 intensity")
+    group.add_argument("--region", help="region within the country, for CodeCarbon")
+
+
+def open_energy(args, results: Path | None):
+    """The profiler the flags ask for (None with --energy off); left-out sources are reported."""
+    if args.energy == "off":
+        return None
+    from profilers.profiler import open_profiler
+
+    profiler = open_profiler(country_iso_code=args.country, region=args.region,
+                             record_path=None if results is None else results / "windows.jsonl")
+    for name, reason in profiler.unavailable.items():
+        stderr.print(f"energy source {name} left out: {reason}", soft_wrap=True, highlight=False)
+    if not profiler.sources:
+        stderr.print("no energy source reads here: energy is not reported")
+    return profiler
+
+
+def make_results_dir(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GreenMLOpsError(f"cannot create results directory {path}: {exc}") from exc
+    return path
+
+
 CONTROLLER_FLAGS = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "uncertainty",
                     "skip_action", "capacity", "slo_ms")
 
@@ -65,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--gate", action="store_true", help="exit 1 when a claim does not hold")
     validate.add_argument("--sweep", action="store_true", help="also measure the τ∞ curve")
     validate.add_argument("--sweep-points", type=_positive_int, default=7)
+    validate.add_argument("--results", type=Path,
+                          help="directory for energy windows, power timeline and summary.json")
+    _add_energy_flags(validate)
     _add_controller_flags(validate)
 
     serve = commands.add_parser("serve", help="the gateway: controlled inference over KServe v2 HTTP")
@@ -100,18 +136,34 @@ def _run_validate(args) -> int:
     from reports.ablation import summarise
     from targets.ort_target import OnnxRuntimeTarget
 
+    from profilers.profiler import Sampler
+
     spec = resolve_model(args.model)
     config = controller_config(args, spec)
     backend = OnnxRuntimeTarget(spec, device=args.device)
     x, y = spec.load_eval()
     order = request_order(len(x), args.requests, min_requests=2000)
+    results = make_results_dir(args.results)
+    profiler = open_energy(args, results)
     console = Console()
     console.print(f"model [bold]{spec.name}[/] · provider {backend.provider} · {len(order)} requests "
-                  f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f}")
-    with Progress(console=stderr, transient=True) as progress:
-        task = progress.add_task("standard ⇄ bio", total=len(order))
-        result = run_ablation(backend, config, x, y, order, warmup_requests=args.warmup,
-                              progress=lambda done: progress.update(task, completed=done))
+                  f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f} · energy "
+                  f"{', '.join(profiler.source_labels()) if profiler and profiler.sources else 'off'}")
+    sampler = None
+    if profiler is not None and results is not None:
+        sampler = Sampler(profiler, rate_hz=10.0, path=results / "timeline.jsonl")
+        sampler.start()
+    try:
+        with Progress(console=stderr, transient=True) as progress:
+            task = progress.add_task("standard ⇄ bio", total=len(order))
+            result = run_ablation(backend, config, x, y, order, warmup_requests=args.warmup,
+                                  progress=lambda done: progress.update(task, completed=done),
+                                  profiler=profiler)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if profiler is not None:
+            profiler.close()
     summary = summarise(result, backend.provider, spec.name, asdict(config))
     print_summary(summary, console)
 
@@ -126,13 +178,13 @@ def _run_validate(args) -> int:
                                          progress=lambda n: progress.update(task, completed=n))
         print_sweep(summary["sweep"], summary["standard"], console)
 
-    if args.json_path is not None:
+    for path in filter(None, (args.json_path, results and results / "summary.json")):
         try:
-            args.json_path.parent.mkdir(parents=True, exist_ok=True)
-            args.json_path.write_text(json.dumps(summary, indent=2) + "\n")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=2) + "\n")
         except OSError as exc:
-            raise GreenMLOpsError(f"cannot write {args.json_path}: {exc}") from exc
-        console.print(f"figures written to {args.json_path}")
+            raise GreenMLOpsError(f"cannot write {path}: {exc}") from exc
+        console.print(f"figures written to {path}")
     if args.gate and not all(c["passed"] for c in summary["claims"]):
         failed = ", ".join(c["name"] for c in summary["claims"] if not c["passed"])
         stderr.print(f"gate: claim(s) not held: {failed}", soft_wrap=True)

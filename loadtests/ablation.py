@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from profilers.profiler import Profiler, WindowResult, feed_controller
 from targets.controlled import ControlledTarget, EarlyExitBackend
 from targets.controller import BioController
 from targets.controller_config import ControllerConfig
@@ -34,6 +35,18 @@ class ModeRun:
     tau: list[float] = field(default_factory=list)
     u: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    energy_j: float | None = None  # over the measured requests, from the profiler's windows
+    energy_source: str = "none"
+    co2_g: float | None = None
+
+    def add_window(self, window: WindowResult) -> None:
+        energy_j, label = window.energy_j()
+        if energy_j is not None:
+            self.energy_j = (self.energy_j or 0.0) + energy_j
+            self.energy_source = label
+        co2_g = window.co2_g()
+        if co2_g is not None:
+            self.co2_g = (self.co2_g or 0.0) + co2_g
 
     def record(self, latency_ms: float, outcome) -> None:
         self.latency_ms.append(latency_ms)
@@ -99,11 +112,14 @@ def run_ablation(
     warmup_requests: int = 200,
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    profiler: Profiler | None = None,
 ) -> AblationResult:
     """Run both modes over ``order`` (rows of ``x``) after their warm-ups; see the module doc.
 
     Bio's warm-up lasts at least ``warmup_requests`` and until τ(t) has settled (at most
     ``MAX_SETTLE_S``), so the measured part sees the steady threshold the deployment would.
+    With a ``profiler``, each block of each mode is one energy window (opened and closed outside
+    the timed requests); bio's windows feed its controller's energy signal ê.
     """
     standard = ControlledTarget(backend, None)
     bio = ControlledTarget(backend, BioController(config, clock=clock))
@@ -122,10 +138,17 @@ def run_ablation(
     for start in range(0, len(order), BLOCK_REQUESTS):
         block = order[start : start + BLOCK_REQUESTS]
         for target, run in ((standard, runs["standard"]), (bio, runs["bio"])):
+            window = f"{run.mode}-{start}"
+            if profiler is not None:
+                profiler.begin_window(window)
             block_started = time.perf_counter()
             for i in block:
                 run.record(*_timed(target, rows[i]))
             run.wall_s += time.perf_counter() - block_started
+            if profiler is not None:
+                result = profiler.end_window(window)
+                run.add_window(result)
+                feed_controller(result, len(block), target.controller)
         done += len(block)
         if progress is not None:
             progress(done)

@@ -13,6 +13,16 @@ PAPER_ACCURACY_LOSS_PP = 0.5
 PAPER_ADMISSION_RATE = 0.58
 
 
+def energy_figures(run) -> dict:
+    """Energy per request and CO2 per 1,000 requests of a mode run, with where they came from."""
+    n = len(run.latency_ms)
+    return {
+        "energy_per_request_j": run.energy_j / n if run.energy_j is not None and n else None,
+        "energy_source": run.energy_source,
+        "co2_g_per_1k_requests": 1000 * run.co2_g / n if run.co2_g is not None and n else None,
+    }
+
+
 def mode_figures(latency_ms, correct, wall_s: float, admitted=None) -> dict:
     summary = latency_summary(latency_ms)
     figures = {
@@ -53,6 +63,10 @@ def summarise(result, provider: str, model: str, config: dict) -> dict:
     reduction = mean_reduction_pct(std_latency, bio_latency)
     reduction_ci = list(paired_bootstrap_ci(std_latency, bio_latency, mean_reduction_pct))
     actions = {a: int(n) for a, n in zip(*np.unique(result.bio.actions, return_counts=True))}
+    std_energy, bio_energy = energy_figures(result.standard), energy_figures(result.bio)
+    energy_reduction = None
+    if std_energy["energy_per_request_j"] and bio_energy["energy_per_request_j"] is not None:
+        energy_reduction = 100 * (1 - bio_energy["energy_per_request_j"] / std_energy["energy_per_request_j"])
     return {
         "model": model,
         "provider": provider,
@@ -62,14 +76,14 @@ def summarise(result, provider: str, model: str, config: dict) -> dict:
         "accuracy_loss_ci95_pp": loss_ci,
         "admission_rate": float(np.mean(result.bio.admitted)),
         "oracle_skip_rate": float(np.mean(result.oracle_agree)),
-        "standard": mode_figures(std_latency, std_correct, result.standard.wall_s),
+        "energy_reduction_pct": energy_reduction,
+        "standard": {**mode_figures(std_latency, std_correct, result.standard.wall_s), **std_energy},
         "bio": {**mode_figures(bio_latency, bio_correct, result.bio.wall_s, result.bio.admitted),
-                "actions": actions, "tau_final": result.bio.tau[-1] if result.bio.tau else None},
+                **bio_energy, "actions": actions,
+                "tau_final": result.bio.tau[-1] if result.bio.tau else None},
         "claims": claims(reduction, loss, loss_ci),
         "warmup": {"standard_requests": result.warmup_standard, "bio_requests": result.warmup_bio,
                    "tau_settled": result.tau_settled},
-        "energy": {"source": "none",
-                   "note": "no energy meter attached: the controller's energy term β·ê is 0"},
         "controller": config,
     }
 
@@ -100,7 +114,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     console.print(f"admission rate {100 * summary['admission_rate']:.1f} % · oracle could skip "
                   f"{100 * summary['oracle_skip_rate']:.1f} % at zero accuracy loss "
                   f"(paper: {100 * PAPER_ADMISSION_RATE:.0f} % admitted)")
-    console.print("energy: not measured (no meter attached; β·ê = 0)")
+    _print_energy(summary, console)
     verdicts = Table(title="claims (paper, Table III)")
     for name in ("claim", "target", "measured", "verdict"):
         verdicts.add_column(name)
@@ -108,6 +122,21 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         verdicts.add_row(claim["name"], claim["target"], f"{claim['measured']:.2f}",
                          "[green]held[/]" if claim["passed"] else "[red]not held[/]")
     console.print(verdicts)
+
+
+def _print_energy(summary: dict, console: Console) -> None:
+    std, bio = summary["standard"], summary["bio"]
+    if std["energy_per_request_j"] is None:
+        console.print("energy: not measured (no energy source read; the controller's β·ê is 0)")
+        return
+    source = std["energy_source"]
+    note = ", an estimate from CPU load and TDP, not a measurement" if source.startswith("estimated") else ""
+    console.print(f"energy per request ({source}{note}): standard {1e3 * std['energy_per_request_j']:.3f} mJ, "
+                  f"bio {1e3 * bio['energy_per_request_j']:.3f} mJ, "
+                  f"reduction {summary['energy_reduction_pct']:.1f} %")
+    if std["co2_g_per_1k_requests"] is not None:
+        console.print(f"CO2 per 1,000 requests ({source}): standard {std['co2_g_per_1k_requests']:.2e} g, "
+                      f"bio {bio['co2_g_per_1k_requests']:.2e} g")
 
 
 def print_sweep(points: list[dict], standard: dict, console: Console | None = None) -> None:
