@@ -115,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=_positive_int, default=256)
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
+    serve.add_argument("--energy-window-s", type=float, default=1.0,
+                       help="energy window feeding the controller's ê, in seconds")
+    serve.add_argument("--results", type=Path, help="directory for the energy windows (windows.jsonl)")
+    _add_energy_flags(serve)
     _add_controller_flags(serve)
 
     models = commands.add_parser("models", help="build the embedded models")
@@ -209,9 +213,14 @@ def _run_serve(args) -> int:
     from targets.gateway import GatewaySettings, create_app
     from targets.ort_target import OnnxRuntimeTarget
 
+    from profilers.feed import PeriodicEnergyFeed
+
+    if args.energy_window_s <= 0:
+        raise GreenMLOpsError("--energy-window-s must be > 0")
     spec = resolve_model(args.model)
     controller = None if args.controller == "off" else BioController(controller_config(args, spec))
     backend = OnnxRuntimeTarget(spec, device=args.device)
+    profiler = open_energy(args, make_results_dir(args.results))
     settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
                                max_batch=args.max_batch)
     app = create_app(spec, backend, controller, settings)
@@ -230,9 +239,20 @@ def _run_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout_s)
+    feed = None
+    if profiler is not None and profiler.sources:
+        feed = PeriodicEnergyFeed(profiler, controller, app.state.answered_requests, args.energy_window_s)
+        feed.start()
+    energy = ", ".join(profiler.source_labels()) if feed is not None else "off"
     print(f"green-mlops gateway: model {spec.name} · controller {args.controller} · {backend.provider} · "
-          f"listening on http://{host}:{port}", flush=True)
-    DrainingServer(config).run(sockets=[sock])
+          f"energy {energy} · listening on http://{host}:{port}", flush=True)
+    try:
+        DrainingServer(config).run(sockets=[sock])
+    finally:
+        if feed is not None:
+            feed.stop()
+        if profiler is not None:
+            profiler.close()
     print("green-mlops gateway: stopped", flush=True)
     return 0
 

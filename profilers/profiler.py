@@ -162,6 +162,8 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="power-sampler", daemon=True)
         self.cpu_time_s = 0.0  # CPU time the sampler thread itself used
+        self._cpu_percent = _cpu_percent_reader()
+        self._rapl_last = {id(s): (time.monotonic(), s.begin()) for s in self._rapl}
 
     def __enter__(self):
         self.start()
@@ -177,24 +179,27 @@ class Sampler:
         self._stop.set()
         self._thread.join()
 
+    def sample_once(self) -> dict:
+        """Take one sample now (the thread calls this every interval)."""
+        sample = {"t_s": time.time()}
+        if self._cpu_percent is not None:
+            sample["cpu_util_pct"] = self._cpu_percent()
+        for source in self._nvml:
+            sample.update(source.sample())
+        for source in self._rapl:
+            now, token = time.monotonic(), source.begin()
+            last_t, last_token = self._rapl_last[id(source)]
+            energy_j = source.delta_j(last_token, token)
+            sample["cpu_power_w"] = energy_j / (now - last_t) if now > last_t else None
+            self._rapl_last[id(source)] = (now, token)
+        self.timeline.append(sample)
+        return sample
+
     def _run(self) -> None:
         out = self._path.open("a") if self._path is not None else None
-        rapl_last = {id(s): (time.monotonic(), s.begin()) for s in self._rapl}
-        cpu_percent = _cpu_percent_reader()
         try:
             while not self._stop.wait(self.interval_s):
-                sample = {"t_s": time.time()}
-                if cpu_percent is not None:
-                    sample["cpu_util_pct"] = cpu_percent()
-                for source in self._nvml:
-                    sample.update(source.sample())
-                for source in self._rapl:
-                    now, token = time.monotonic(), source.begin()
-                    last_t, last_token = rapl_last[id(source)]
-                    energy_j = source.delta_j(last_token, token)
-                    sample["cpu_power_w"] = energy_j / (now - last_t) if now > last_t else None
-                    rapl_last[id(source)] = (now, token)
-                self.timeline.append(sample)
+                sample = self.sample_once()
                 if out is not None:
                     out.write(json.dumps(sample) + "\n")
                     out.flush()

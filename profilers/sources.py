@@ -139,7 +139,8 @@ class NvmlSource:
         if self.has_counter:
             return [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
         self.sample()
-        return time.monotonic()
+        with self._power_lock:
+            return self._power[-1][0]  # the window starts at this sample
 
     def end(self, token) -> SourceReading:
         if self.has_counter:
@@ -165,12 +166,19 @@ class CodeCarbonSource:
     def __init__(self, country_iso_code: str = "USA", region: str | None = None,
                  output_dir: str | Path | None = None):
         try:
-            from codecarbon import OfflineEmissionsTracker
+            from codecarbon import OfflineEmissionsTracker, OutputMethod
+            from codecarbon.input import DataSource
         except ImportError as exc:
-            raise SourceUnavailable("codecarbon is not installed (pip install codecarbon)") from exc
+            raise SourceUnavailable(f"codecarbon >= 3 is not installed ({exc})") from exc
+        known = DataSource().get_global_energy_mix_data()
+        if country_iso_code not in known:
+            raise SourceUnavailable(f"CodeCarbon knows no country '{country_iso_code}' "
+                                    "(use an ISO 3166 alpha-3 code such as USA, FRA, DEU)")
         logging.getLogger("codecarbon").setLevel(logging.ERROR)
+        # No CSV (or any other output) unless an output directory is asked for.
         options = dict(country_iso_code=country_iso_code, log_level="error", measure_power_secs=3600,
-                       tracking_mode="machine", save_to_file=output_dir is not None)
+                       tracking_mode="machine",
+                       output_methods=[] if output_dir is None else [OutputMethod.CSV])
         if region:
             options["region"] = region
         if output_dir is not None:

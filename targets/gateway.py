@@ -123,6 +123,8 @@ def create_app(
     # The gateway measures load from arrival to answer itself, queueing included.
     target = ControlledTarget(backend, controller, track_load=False)
     in_flight = [0]
+    answered = [0]
+    app.state.answered_requests = lambda: answered[0]  # running count, for energy per request
     metrics = _Metrics(target, lambda: in_flight[0])
     n_classes = len(spec.classes)
     metadata = {
@@ -219,6 +221,7 @@ def create_app(
             body, headers = encode_infer_response(spec.name, decoded.request_id, probabilities,
                                                   parameters, decoded.binary_output)
             outcome_label = "ok"
+            answered[0] += 1
             media = "application/octet-stream" if decoded.binary_output else "application/json"
             return Response(body, media_type=media, headers=headers)
         except Exception:

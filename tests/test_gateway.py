@@ -245,3 +245,20 @@ def test_bind_failure_is_a_clear_error(start_gateway):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_energy_windows_feed_the_controller(start_gateway, digits_eval, tmp_path):
+    gateway = start_gateway("--energy", "auto", "--energy-window-s", "0.3", "--results", str(tmp_path))
+    x = digits_eval[0]
+    with httpx.Client(base_url=gateway.url) as client:
+        deadline = time.monotonic() + 1.5
+        i = 0
+        while time.monotonic() < deadline:
+            assert client.post("/v2/models/digits/infer", json=infer_body(x[i % 100 : i % 100 + 1])).status_code == 200
+            i += 1
+        state = client.get("/v2/controller").json()
+    assert state["energy_source"].startswith(("measured:", "estimated:"))
+    assert state["energy_j_per_request"] > 0 and state["energy_norm"] > 0
+    assert gateway.stop() == 0
+    windows = [json.loads(line) for line in (tmp_path / "windows.jsonl").read_text().splitlines()]
+    assert len(windows) >= 3 and all(w["window"].startswith("serve-") for w in windows)

@@ -1,0 +1,47 @@
+"""Energy per request for a long-running server: back-to-back windows feeding the controller's ê."""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from profilers.profiler import Profiler, feed_controller
+
+
+class PeriodicEnergyFeed:
+    """Every ``window_s`` seconds, close the current energy window, divide its energy by the
+    requests answered in it (``answered()`` is a running count) and feed the controller.
+
+    Windows are recorded by the profiler (its ``record_path``); ``last_j_per_request`` holds the
+    latest figure. ``stop()`` closes the open window, so a shutdown loses no energy record.
+    """
+
+    def __init__(self, profiler: Profiler, controller, answered: Callable[[], int], window_s: float = 1.0):
+        if window_s <= 0:
+            raise ValueError("energy window must be > 0 s")
+        self.profiler, self.controller, self.answered, self.window_s = profiler, controller, answered, window_s
+        self.last_j_per_request: float | None = None
+        self.windows = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="energy-feed", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        count = self.answered()
+        while True:
+            name = f"serve-{self.windows}"
+            self.profiler.begin_window(name)
+            stopping = self._stop.wait(self.window_s)
+            window = self.profiler.end_window(name)
+            now = self.answered()
+            per_request = feed_controller(window, now - count, self.controller)
+            if per_request is not None:
+                self.last_j_per_request = per_request
+            count, self.windows = now, self.windows + 1
+            if stopping:
+                return
