@@ -136,8 +136,7 @@ def _run_validate(args) -> int:
 
     from green_mlops.models import resolve_model
     from loadtests.ablation import request_order, run_ablation, run_sweep
-    from reports.ablation import print_summary, print_sweep
-    from reports.ablation import summarise
+    from reports.ablation import print_summary, print_sweep, summarise
     from targets.ort_target import OnnxRuntimeTarget
 
     from profilers.profiler import Sampler

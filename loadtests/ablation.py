@@ -8,7 +8,7 @@ controlled-target call: for bio that is stage 1, the decision and stage 2 when a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -168,8 +168,6 @@ def run_sweep(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Bio at a fixed τ (τ0 = τ∞, no decay) for each value: measured admission, latency, accuracy."""
-    from dataclasses import replace
-
     rows = [x[i : i + 1] for i in range(len(x))]
     points = []
     for n, tau in enumerate(tau_values):

@@ -141,9 +141,12 @@ class BioController:
         with self._lock:
             self._in_flight += 1
 
-    def request_finished(self, latency_ms: float) -> None:
+    def request_finished(self, latency_ms: float | None) -> None:
+        """One request left; its latency joins the recent window unless None (e.g. bad input)."""
         with self._lock:
             self._in_flight = max(self._in_flight - 1, 0)
+            if latency_ms is None:
+                return
             self._latencies_ms.append(latency_ms)
             self._since_p95 += 1
             if self._since_p95 >= P95_REFRESH_EVERY:

@@ -192,7 +192,8 @@ def create_app(
     async def infer(name: str, request: Request, version: str = "1"):
         missing = _model_or_404(name)
         if missing is not None:
-            metrics.requests.labels(name[:64], "client_error", "none").inc()
+            # One label for every unknown name: client-chosen labels would grow series without bound.
+            metrics.requests.labels("(unknown)", "client_error", "none").inc()
             return missing
         started_ns = time.perf_counter_ns()
         in_flight[0] += 1
@@ -230,10 +231,11 @@ def create_app(
         finally:
             in_flight[0] -= 1
             latency_s = (time.perf_counter_ns() - started_ns) / 1e9
+            served = outcome_label in ("ok", "rejected")  # bad input says nothing of the load
             if controller is not None:
-                controller.request_finished(latency_s * 1e3)
+                controller.request_finished(latency_s * 1e3 if served else None)
             metrics.requests.labels(spec.name, outcome_label, action).inc()
-            if outcome_label in ("ok", "rejected"):
+            if served:
                 metrics.latency.labels(spec.name, action).observe(latency_s)
 
     return app

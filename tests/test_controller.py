@@ -213,3 +213,15 @@ def test_controlled_target_cache_answers_from_earlier_full_run(digits_backend, d
     (other,) = target.predict(x[1:2])
     assert first.action == "full" and second.action == "cache" and other.action == "exit"
     np.testing.assert_array_equal(second.probabilities, first.probabilities)
+
+
+def test_finished_without_latency_leaves_the_window_alone(clock):
+    c = controller(clock, slo_ms=10.0)
+    for _ in range(32):
+        c.request_started()
+        c.request_finished(5.0)
+    for _ in range(64):
+        c.request_started()
+        c.request_finished(None)
+    state = c.state()
+    assert state["in_flight"] == 0 and state["p95_recent_ms"] == pytest.approx(5.0)

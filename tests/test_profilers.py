@@ -37,17 +37,16 @@ def test_power_integration_on_a_recorded_series():
 # --- RAPL on a powercap tree laid out in a temp dir ----------------------------------------------
 def powercap(root: Path, packages=((1_000, 10_000), (5_000, 10_000))) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    tmp_path = root
     for i, (energy, max_range) in enumerate(packages):
-        zone = tmp_path / f"intel-rapl:{i}"
+        zone = root / f"intel-rapl:{i}"
         zone.mkdir()
         (zone / "energy_uj").write_text(f"{energy}\n")
         (zone / "max_energy_range_uj").write_text(f"{max_range}\n")
-        sub = tmp_path / f"intel-rapl:{i}:0"  # a sub-zone (core): must not be counted twice
+        sub = root / f"intel-rapl:{i}:0"  # a sub-zone (core): must not be counted twice
         sub.mkdir()
         (sub / "energy_uj").write_text("999999\n")
         (sub / "max_energy_range_uj").write_text("1000000\n")
-    return tmp_path
+    return root
 
 
 def test_rapl_sums_packages_and_handles_wrap_around(tmp_path):
