@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from green_mlops.models import resolve_model
+from loadtests.gateway_process import GatewayProcess
 from targets.ort_target import OnnxRuntimeTarget
 
 
@@ -40,31 +41,7 @@ def clock():
     return FakeClock()
 
 
-class Gateway:
-    """A real `green-mlops serve` subprocess on an ephemeral loopback port."""
-
-    def __init__(self, *args: str):
-        import subprocess
-        import sys
-
-        if "--energy" not in args:  # CodeCarbon's start-up costs 1.3 s: only where a test asks
-            args = (*args, "--energy", "off")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "green_mlops.cli", "serve", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()
-        if "listening on " not in line:
-            self.process.kill()
-            raise RuntimeError(f"gateway did not start: {line}{self.process.stderr.read()}")
-        self.url = line.rsplit("listening on ", 1)[1].strip()
-        self.host_port = self.url.removeprefix("http://")
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        import signal
-
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout_s)
+Gateway = GatewayProcess  # the name the tests use
 
 
 @pytest.fixture
