@@ -99,7 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--sweep", action="store_true", help="also measure the τ∞ curve")
     validate.add_argument("--sweep-points", type=_positive_int, default=7)
     validate.add_argument("--results", type=Path,
-                          help="directory for energy windows, power timeline and summary.json")
+                          help="where everything goes (default results/<UTC>-validate/)")
+    load = validate.add_argument_group("load test (standard and bio under Locust, then the report)")
+    load.add_argument("--no-load", action="store_true", help="only the in-process ablation")
+    load.add_argument("--load-shape", default="spike", choices=("steady", "ramp", "spike", "wave", "step"))
+    load.add_argument("--load-users", type=_positive_int, default=4, help="base users, default 4")
+    load.add_argument("--load-phase-s", type=float, default=5.0, help="phase length, default 5 s")
+    load.add_argument("--load-s", type=_positive_int, default=15, help="seconds per scenario, default 15")
+    load.add_argument("--load-arrival-rate", type=float, default=0.0,
+                      help="open loop at this many requests/s (default: closed loop)")
     _add_energy_flags(validate)
     _add_controller_flags(validate)
 
@@ -121,6 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_energy_flags(serve)
     _add_controller_flags(serve)
 
+    report = commands.add_parser("report", help="report, verdict and plots from recorded runs")
+    report.add_argument("results", type=Path, help="a run directory, or a directory of run directories")
+    report.add_argument("--out", type=Path, help="where the report goes (default: RESULTS)")
+    report.add_argument("--baseline", type=Path, help="a previous summary.json to compare with")
+    report.add_argument("--gate", action="store_true",
+                        help="exit 1 unless the report is VALID, every claim held and nothing regressed")
+    report.add_argument("--min-duration-s", type=float, default=10.0, help="validity: minimum seconds per run")
+    report.add_argument("--min-requests", type=int, default=500, help="validity: minimum answered requests per run")
+
     models = commands.add_parser("models", help="build the embedded models")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     build = model_commands.add_parser("build", help="train and export a model (needs the 'models' extra)")
@@ -130,69 +147,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_validate(args) -> int:
-    import numpy as np
-    from dataclasses import asdict
-    from rich.progress import Progress
+    from green_mlops.validate import run_validate
 
-    from green_mlops.models import resolve_model
-    from loadtests.ablation import request_order, run_ablation, run_sweep
-    from reports.ablation import print_summary, print_sweep, summarise
-    from targets.ort_target import OnnxRuntimeTarget
-
-    from profilers.profiler import Sampler
-
-    spec = resolve_model(args.model)
-    config = controller_config(args, spec)
-    backend = OnnxRuntimeTarget(spec, device=args.device)
-    x, y = spec.load_eval()
-    order = request_order(len(x), args.requests, min_requests=2000)
-    results = make_results_dir(args.results)
-    profiler = open_energy(args, results)
-    console = Console()
-    console.print(f"model [bold]{spec.name}[/] · provider {backend.provider} · {len(order)} requests "
-                  f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f} · energy "
-                  f"{', '.join(profiler.source_labels()) if profiler and profiler.sources else 'off'}")
-    sampler = None
-    if profiler is not None and results is not None:
-        sampler = Sampler(profiler, rate_hz=10.0, path=results / "timeline.jsonl")
-        sampler.start()
-    try:
-        with Progress(console=stderr, transient=True) as progress:
-            task = progress.add_task("standard ⇄ bio", total=len(order))
-            result = run_ablation(backend, config, x, y, order, warmup_requests=args.warmup,
-                                  progress=lambda done: progress.update(task, completed=done),
-                                  profiler=profiler)
-    finally:
-        if sampler is not None:
-            sampler.stop()
-        if profiler is not None:
-            profiler.close()
-    summary = summarise(result, backend.provider, spec.name, asdict(config))
-    print_summary(summary, console)
-
-    if args.sweep:
-        u = result.bio.u or [0.5]
-        quantiles = np.linspace(0.1, 0.9, args.sweep_points)
-        taus = sorted({round(config.alpha * (1 - q), 4) for q in np.quantile(u, quantiles)})
-        sweep_order = order[: len(x)]
-        with Progress(console=stderr, transient=True) as progress:
-            task = progress.add_task("τ∞ sweep", total=len(taus))
-            summary["sweep"] = run_sweep(backend, config, taus, x, y, sweep_order,
-                                         progress=lambda n: progress.update(task, completed=n))
-        print_sweep(summary["sweep"], summary["standard"], console)
-
-    for path in filter(None, (args.json_path, results and results / "summary.json")):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(summary, indent=2) + "\n")
-        except OSError as exc:
-            raise GreenMLOpsError(f"cannot write {path}: {exc}") from exc
-        console.print(f"figures written to {path}")
-    if args.gate and not all(c["passed"] for c in summary["claims"]):
-        failed = ", ".join(c["name"] for c in summary["claims"] if not c["passed"])
-        stderr.print(f"gate: claim(s) not held: {failed}", soft_wrap=True)
-        return EXIT_GATE
-    return 0
+    return run_validate(args)
 
 
 def _run_serve(args) -> int:
@@ -256,6 +213,49 @@ def _run_serve(args) -> int:
     return 0
 
 
+def build_report(results: Path, out: Path, baseline_path: Path | None = None,
+                 min_duration_s: float = 10.0, min_requests: int = 500) -> dict:
+    """Read the runs under ``results``, write the report into ``out``; returns summary.json's content."""
+    from reports.render import make_plots, write_report
+    from reports.runs import find_runs
+    from reports.verdict import ValidityRules, build_summary
+
+    baseline = None
+    if baseline_path is not None:
+        try:
+            baseline = json.loads(baseline_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise GreenMLOpsError(f"cannot read baseline {baseline_path}: {exc}") from exc
+    runs = find_runs(results)
+    summary = build_summary(runs, baseline, ValidityRules(min_duration_s=min_duration_s, min_requests=min_requests))
+    try:
+        write_report(out, summary, make_plots(runs, summary))
+    except OSError as exc:
+        raise GreenMLOpsError(f"cannot write the report into {out}: {exc}") from exc
+    return summary
+
+
+def gate_failures(summary: dict) -> list[str]:
+    """Why ``--gate`` fails: invalid, a claim not held (or not measurable), a regression."""
+    failures = [] if summary["valid"] else ["report INVALID"]
+    failures += [f"claim {c['name']} {c['status']}" for c in summary["claims"] if c["status"] != "held"]
+    return failures + summary.get("regressions", [])
+
+
+def _run_report(args) -> int:
+    from reports.render import print_report
+
+    out = args.out or args.results
+    summary = build_report(args.results, out, args.baseline, args.min_duration_s, args.min_requests)
+    print_report(summary)
+    Console().print(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}", soft_wrap=True)
+    failures = gate_failures(summary)
+    if args.gate and failures:
+        stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False)
+        return EXIT_GATE
+    return 0
+
+
 def _run_models_build(args) -> int:
     from green_mlops.models import EMBEDDED
     from green_mlops.models.build_digits import build
@@ -267,7 +267,8 @@ def _run_models_build(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _run_validate, "serve": _run_serve, "models": _run_models_build}
+    handlers = {"validate": _run_validate, "serve": _run_serve, "report": _run_report,
+                "models": _run_models_build}
     try:
         return handlers[args.command](args)
     except GreenMLOpsError as exc:

@@ -1,5 +1,4 @@
-"""Request records on disk: one JSON line per answered (or failed) request, flushed as written,
-and the per-phase summary computed from all of them.
+"""Request records on disk: one JSON line per answered (or failed) request, flushed as written.
 
 A record holds: ``t_intended`` and ``t_sent`` (Unix seconds), ``latency_ms`` (from the intended
 send time in open-loop mode, from the actual send otherwise), ``service_ms`` (actual send to
@@ -13,9 +12,6 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
-
-from reports.stats import latency_summary
 
 REQUESTS_FILE = "requests.jsonl"
 RUN_FILE = "run.json"
@@ -42,50 +38,3 @@ class RecordWriter:
     def close(self) -> None:
         with self._lock:
             self._out.close()
-
-
-def read_records(path: Path) -> list[dict]:
-    """All complete records of a requests.jsonl; a line cut short by a crash is skipped."""
-    records = []
-    with path.open() as lines:
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def phase_summary(records: list[dict]) -> list[dict]:
-    """Per load phase, in order of first appearance, then ``all``: n, throughput, latency
-    percentiles over all samples, admission rate and accuracy over answered requests, rejected,
-    failed and late counts."""
-    phases: dict[str, list[dict]] = {}
-    for record in records:
-        phases.setdefault(record.get("phase", "?"), []).append(record)
-    rows = [_figures(name, rs) for name, rs in phases.items()]
-    if len(phases) > 1:
-        rows.append(_figures("all", records))
-    return rows
-
-
-def _figures(name: str, records: list[dict]) -> dict:
-    answered = [r for r in records if r["status"] == 200]
-    sent = [r["t_sent"] for r in records]
-    duration_s = (max(sent) - min(sent)) if len(sent) > 1 else 0.0
-    latency = latency_summary(np.array([r["latency_ms"] for r in answered]))
-    return {
-        "phase": name,
-        "n": len(records),
-        "answered": len(answered),
-        "rejected": sum(r["status"] == 503 for r in records),
-        "failed": sum(r["status"] not in (200, 503) for r in records),
-        "late": sum(bool(r.get("late")) for r in records),
-        "duration_s": duration_s,
-        "throughput_rps": len(answered) / duration_s if duration_s > 0 else None,
-        "p50_ms": latency["p50_ms"],
-        "p95_ms": latency["p95_ms"],
-        "p99_ms": latency["p99_ms"],
-        "admission_rate": (sum(bool(r["admitted"]) for r in answered) / len(answered)) if answered else None,
-        "accuracy": (sum(bool(r["correct"]) for r in answered) / len(answered)) if answered else None,
-    }

@@ -26,7 +26,8 @@ from gevent.pool import Group
 from locust import FastHttpUser, LoadTestShape, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from loadtests.records import RUN_FILE, RecordWriter, phase_summary, read_records
+from loadtests.records import RUN_FILE, RecordWriter
+from reports.records import phase_summary, read_records
 from loadtests.shapes import SHAPES, Shape, ShapeParams
 
 RECORDS_MESSAGE = "green_mlops_records"
@@ -79,6 +80,8 @@ def _arguments(parser):
     group.add_argument("--results", default="", help="results directory (default results/<UTC>-<scenario>/)")
     group.add_argument("--energy", default="auto", choices=("auto", "off"), help="energy profilers")
     group.add_argument("--country", default="USA", help="ISO alpha-3 code for CodeCarbon's CO2 intensity")
+    group.add_argument("--controller-config", default="",
+                       help="TOML [controller] file for the gateway the locustfile starts")
 
 
 def _options(environment):
@@ -109,8 +112,9 @@ def _init(environment, **_):
     if not environment.host:
         from loadtests.gateway_process import GatewayProcess
 
+        extra = ("--config", options.controller_config) if options.controller_config else ()
         RUN.gateway = GatewayProcess("--model", options.model,
-                                     "--controller", "bio" if RUN.scenario == "bio" else "off")
+                                     "--controller", "bio" if RUN.scenario == "bio" else "off", *extra)
         environment.host = RUN.gateway.url
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     RUN.results_dir = Path(options.results or f"results/{stamp}-{RUN.scenario}")

@@ -62,3 +62,25 @@ def accuracy_loss_pp(correct_baseline: np.ndarray, correct_treated: np.ndarray) 
 
 def mean_reduction_pct(baseline: np.ndarray, treated: np.ndarray) -> float:
     return reduction_pct(float(np.mean(baseline)), float(np.mean(treated)))
+
+
+def independent_bootstrap_ci(
+    baseline: np.ndarray,
+    treated: np.ndarray,
+    statistic,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of ``statistic(baseline*, treated*)``, each run resampled on its own
+    (for two runs whose requests are not paired, such as two load tests)."""
+    baseline, treated = np.asarray(baseline), np.asarray(treated)
+    rng = np.random.default_rng(seed)
+    values = np.array([
+        statistic(baseline[rng.integers(0, len(baseline), len(baseline))],
+                  treated[rng.integers(0, len(treated), len(treated))])
+        for _ in range(resamples)
+    ])
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(values, [tail, 1.0 - tail])
+    return float(lo), float(hi)

@@ -18,8 +18,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick_validate(tmp_path_factory):
     out = tmp_path_factory.mktemp("validate") / "v.json"
-    assert main(["validate", "--requests", "400", "--warmup", "50", "--k", "50",
-                 "--json", str(out)]) == 0
+    assert main(["validate", "--requests", "400", "--warmup", "50", "--k", "50", "--no-load",
+                 "--results", str(out.parent / "results"), "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -60,7 +60,7 @@ def test_gate_fails_when_a_claim_does_not_hold(tmp_path):
     out = tmp_path / "v.json"
     # τ = 0 skips every request: the exit head alone loses more than 0.5 pp on digits.
     code = main(["validate", "--requests", "300", "--warmup", "20", "--tau0", "0", "--tau-inf", "0",
-                 "--gate", "--json", str(out)])
+                 "--no-load", "--energy", "off", "--results", str(tmp_path), "--gate", "--json", str(out)])
     v = json.loads(out.read_text())
     assert v["admission_rate"] == 0.0
     accuracy_claim = next(c for c in v["claims"] if c["name"] == "accuracy_loss")
@@ -70,8 +70,8 @@ def test_gate_fails_when_a_claim_does_not_hold(tmp_path):
 
 def test_sweep_measures_a_curve(tmp_path, capsys):
     out = tmp_path / "v.json"
-    assert main(["validate", "--requests", "200", "--warmup", "20", "--k", "50", "--sweep",
-                 "--sweep-points", "3", "--json", str(out)]) == 0
+    assert main(["validate", "--requests", "200", "--warmup", "20", "--k", "50", "--sweep", "--no-load",
+                 "--energy", "off", "--sweep-points", "3", "--results", str(tmp_path), "--json", str(out)]) == 0
     sweep = json.loads(out.read_text())["sweep"]
     assert 1 <= len(sweep) <= 3
     rates = [p["admission_rate"] for p in sorted(sweep, key=lambda p: p["tau_inf"])]
@@ -113,7 +113,25 @@ def test_incomplete_model_dir_gives_a_message(tmp_path):
 def test_unwritable_json_path_gives_a_message(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = run_cli("validate", "--requests", "50", "--warmup", "5", "--k", "100",
-                     "--json", str(blocker / "v.json"))
+    result = run_cli("validate", "--requests", "50", "--warmup", "5", "--k", "100", "--no-load",
+                     "--energy", "off", "--results", str(tmp_path / "r"), "--json", str(blocker / "v.json"))
     assert result.returncode == 2
     assert "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_validate_runs_the_load_test_and_the_report(tmp_path):
+    code = main(["validate", "--requests", "200", "--warmup", "20", "--k", "50", "--load-s", "4",
+                 "--load-phase-s", "1", "--load-users", "2", "--results", str(tmp_path), "--gate"])
+    v = json.loads((tmp_path / "validate.json").read_text())
+    load = v["load_test"]
+    assert {c["name"] for c in load["claims"]} == {"latency_reduction", "accuracy_loss"}
+    assert load["comparison"]["n_standard"] > 0 and load["comparison"]["n_bio"] > 0
+    assert not load["valid"]  # 4 s runs are below the 10 s minimum: the report says so
+    assert any("below the minimum" in r for r in load["invalid_reasons"])
+    assert code == 1  # so the gate fails
+    for name in ("report.html", "report.md", "summary.json", "controller.toml"):
+        assert (tmp_path / name).exists()
+    for scenario in ("standard", "bio"):
+        run = json.loads((tmp_path / scenario / "run.json").read_text())
+        assert run["scenario"] == scenario and run["shape"] == "spike"
+    assert "tau_inf" in (tmp_path / "controller.toml").read_text()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.records import read_records
+from reports.records import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 BIO, STANDARD = str(ROOT / "loadtests" / "bio.py"), str(ROOT / "loadtests" / "standard.py")

@@ -244,17 +244,16 @@ def test_sampler_writes_a_timeline(tmp_path):
 def test_validate_writes_energy_windows_and_timeline(tmp_path):
     from green_mlops.cli import main
 
-    assert main(["validate", "--requests", "200", "--warmup", "20", "--k", "50",
+    assert main(["validate", "--requests", "200", "--warmup", "20", "--k", "50", "--no-load",
                  "--results", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "validate.json").read_text())
     for mode in ("standard", "bio"):
         assert summary[mode]["energy_source"].startswith(("measured:", "estimated:"))
         assert summary[mode]["energy_per_request_j"] > 0
         assert summary[mode]["co2_g_per_1k_requests"] > 0
     assert isinstance(summary["energy_reduction_pct"], float)
-    windows = [json.loads(line) for line in (tmp_path / "windows.jsonl").read_text().splitlines()]
+    windows = [json.loads(line) for line in (tmp_path / "ablation" / "windows.jsonl").read_text().splitlines()]
     assert {w["window"].split("-")[0] for w in windows} == {"standard", "bio"}
     total = sum(w["energy_j"] for w in windows if w["window"].startswith("standard"))
     assert total / 200 == pytest.approx(summary["standard"]["energy_per_request_j"])
-    assert (tmp_path / "timeline.jsonl").exists()
-    assert os.path.getsize(tmp_path / "timeline.jsonl") > 0
+    assert os.path.getsize(tmp_path / "ablation" / "timeline.jsonl") > 0

@@ -1,0 +1,126 @@
+"""`green-mlops validate`, the main job: the paper's ablation and its verdict.
+
+1. In-process, paired ablation on the held-out set (standard vs bio on the same requests,
+   batch 1, energy windows per block): the figures of the JSON document.
+2. Unless ``--no-load``: the standard and bio locustfiles, each against its own gateway, under a
+   congestion pattern, profilers on.
+3. The report over those two runs (``report.html``, ``report.md``, ``summary.json``).
+
+Everything lands in ``--results`` (default ``results/<UTC>-validate/``): ``validate.json``,
+``ablation/`` (energy windows, timeline), ``standard/``, ``bio/`` and the report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from green_mlops.cli import (
+    EXIT_GATE, build_report, controller_config, gate_failures, make_results_dir, open_energy, stderr,
+)
+from green_mlops.models import resolve_model
+from loadtests.ablation import request_order, run_ablation, run_sweep
+from loadtests.runner import LoadSpec, run_scenario
+from profilers.profiler import Sampler
+from reports.ablation import print_summary, print_sweep, summarise
+from targets.errors import GreenMLOpsError
+from targets.ort_target import OnnxRuntimeTarget
+
+
+def _toml(config: dict) -> str:
+    lines = ["[controller]"]
+    for key, value in config.items():
+        lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, document: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    except OSError as exc:
+        raise GreenMLOpsError(f"cannot write {path}: {exc}") from exc
+
+
+def run_validate(args) -> int:
+    spec = resolve_model(args.model)
+    config = controller_config(args, spec)
+    backend = OnnxRuntimeTarget(spec, device=args.device)
+    x, y = spec.load_eval()
+    order = request_order(len(x), args.requests, min_requests=2000)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    results = make_results_dir(args.results or Path(f"results/{stamp}-validate"))
+    profiler = open_energy(args, make_results_dir(results / "ablation"))
+    console = Console()
+    console.print(f"model [bold]{spec.name}[/] · provider {backend.provider} · {len(order)} requests "
+                  f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f} · energy "
+                  f"{', '.join(profiler.source_labels()) if profiler and profiler.sources else 'off'}",
+                  highlight=False)
+    sampler = None
+    if profiler is not None:
+        sampler = Sampler(profiler, rate_hz=10.0, path=results / "ablation" / "timeline.jsonl")
+        sampler.start()
+    try:
+        with Progress(console=stderr, transient=True) as progress:
+            task = progress.add_task("ablation: standard ⇄ bio", total=len(order))
+            result = run_ablation(backend, config, x, y, order, warmup_requests=args.warmup,
+                                  progress=lambda done: progress.update(task, completed=done),
+                                  profiler=profiler)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        if profiler is not None:
+            profiler.close()
+    summary = summarise(result, backend.provider, spec.name, asdict(config))
+    print_summary(summary, console)
+
+    if args.sweep:
+        u = result.bio.u or [0.5]
+        quantiles = np.linspace(0.1, 0.9, args.sweep_points)
+        taus = sorted({round(config.alpha * (1 - q), 4) for q in np.quantile(u, quantiles)})
+        with Progress(console=stderr, transient=True) as progress:
+            task = progress.add_task("τ∞ sweep", total=len(taus))
+            summary["sweep"] = run_sweep(backend, config, taus, x, y, order[: len(x)],
+                                         progress=lambda n: progress.update(task, completed=n))
+        print_sweep(summary["sweep"], summary["standard"], console)
+
+    failures = [f"claim {c['name']} not held (in-process ablation)" for c in summary["claims"] if not c["passed"]]
+    if not args.no_load:
+        summary["load_test"] = _load_test(args, spec, config, results, console)
+        failures += [f"load test: {f}" for f in summary["load_test"]["gate_failures"]]
+
+    for path in filter(None, (args.json_path, results / "validate.json")):
+        _write_json(path, summary)
+        console.print(f"figures written to {path}", highlight=False)
+    if args.gate and failures:
+        stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False)
+        return EXIT_GATE
+    return 0
+
+
+def _load_test(args, spec, config, results: Path, console: Console) -> dict:
+    """Standard then bio under Locust with a congestion pattern, then the report over both."""
+    from reports.render import print_report
+
+    config_path = results / "controller.toml"
+    config_path.write_text(_toml(asdict(config)))
+    load = LoadSpec(shape=args.load_shape, base_users=args.load_users, phase_s=args.load_phase_s,
+                    run_time_s=args.load_s, arrival_rate=args.load_arrival_rate, model=str(args.model),
+                    energy=args.energy, country=args.country, controller_config=config_path)
+    for scenario in ("standard", "bio"):
+        started = time.monotonic()
+        with console.status(f"load test: {scenario} · {load.shape} · {load.run_time_s} s …"):
+            run_scenario(scenario, results / scenario, load)
+        console.print(f"load test {scenario}: done in {time.monotonic() - started:.0f} s", highlight=False)
+    report = build_report(results, results)
+    print_report(report, console)
+    console.print(f"report: {results / 'report.html'}", highlight=False, soft_wrap=True)
+    return {"results": str(results), "valid": report["valid"], "invalid_reasons": report["invalid_reasons"],
+            "claims": report["claims"], "comparison": report["comparison"],
+            "gate_failures": gate_failures(report)}

@@ -1,0 +1,57 @@
+"""Recorded runs on disk: a run directory holds ``requests.jsonl`` and ``run.json`` (and, when
+profilers ran, ``windows.jsonl`` and ``timeline.jsonl``), as written by the Locust scenarios."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reports.records import read_records
+from targets.errors import GreenMLOpsError
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    metadata: dict
+    records: list[dict]
+    windows: list[dict] = field(default_factory=list)
+    timeline: list[dict] = field(default_factory=list)
+
+    @property
+    def scenario(self) -> str:
+        return self.metadata.get("scenario", self.name)
+
+
+def _json_lines(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return rows
+
+
+def load_run(path: Path) -> Run:
+    try:
+        metadata = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
+    except json.JSONDecodeError as exc:
+        raise GreenMLOpsError(f"{path / 'run.json'} is not valid JSON: {exc}") from exc
+    return Run(path.name, path, metadata, read_records(path / "requests.jsonl"),
+               _json_lines(path / "windows.jsonl"), _json_lines(path / "timeline.jsonl"))
+
+
+def find_runs(results: Path) -> list[Run]:
+    """``results`` itself when it is a run, else every run directory directly inside it."""
+    if not results.is_dir():
+        raise GreenMLOpsError(f"results directory not found: {results}")
+    if (results / "requests.jsonl").exists():
+        return [load_run(results)]
+    runs = [load_run(p) for p in sorted(results.iterdir()) if (p / "requests.jsonl").exists()]
+    if not runs:
+        raise GreenMLOpsError(f"no recorded runs in {results} (no requests.jsonl in it or its sub-directories)")
+    return runs

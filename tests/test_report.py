@@ -1,0 +1,197 @@
+"""`green-mlops report`: from real recorded runs and from hand-made edge cases."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from green_mlops.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+class StrictParser(HTMLParser):
+    """Collects images and checks that every opened element is closed in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.errors = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        elif tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unbalanced </{tag}>")
+
+
+def parse_html(path: Path) -> StrictParser:
+    parser = StrictParser()
+    parser.feed(path.read_text())
+    parser.close()
+    assert not parser.errors and parser.stack == [], (parser.errors, parser.stack)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def recorded_runs(tmp_path_factory):
+    """A standard and a bio run, each a real 6 s headless Locust run under a spike."""
+    root = tmp_path_factory.mktemp("runs")
+    for scenario in ("standard", "bio"):
+        subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / f"{scenario}.py"),
+                        "--headless", "--shape", "spike", "--base-users", "2", "--phase-s", "2", "-t", "6",
+                        "--results", str(root / scenario)], cwd=root, check=True, capture_output=True, timeout=120)
+    return root
+
+
+def test_report_from_real_runs(recorded_runs, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(recorded_runs), "--out", str(out), "--min-duration-s", "3",
+                 "--min-requests", "100"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"valid", "invalid_reasons", "claims", "runs", "comparison"}
+    assert set(summary["runs"]) == {"standard", "bio"}
+    assert [c["name"] for c in summary["claims"]] == ["latency_reduction", "accuracy_loss"]
+    assert all(c["status"] in ("held", "not_held") and c["ci95"][0] <= c["measured"] <= c["ci95"][1]
+               for c in summary["claims"])
+    bio = summary["runs"]["bio"]
+    assert {p["phase"] for p in bio["phases"]} == {"base", "spike", "recovery", "all"}
+    assert bio["energy_source"].startswith(("measured:", "estimated:"))
+    assert bio["conditions"]["provider"] == "CPUExecutionProvider"
+    html = parse_html(out / "report.html")
+    assert len(html.images) == 5
+    for image in html.images:
+        assert base64.b64decode(image["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    assert "| latency_reduction |" in markdown and "![" in markdown
+    assert all((out / f"{name}.png").exists() for name in ("latency_cdf", "over_time", "admission_accuracy"))
+
+
+def test_gate_and_baseline_regression(recorded_runs, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(recorded_runs), "--out", str(out), "--min-duration-s", "3",
+                 "--min-requests", "100"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    baseline = json.loads((out / "summary.json").read_text())
+    baseline["comparison"]["latency_reduction_pct"] = summary["comparison"]["latency_reduction_pct"] + 20
+    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    code = main(["report", str(recorded_runs), "--out", str(tmp_path / "again"), "--min-duration-s", "3",
+                 "--min-requests", "100", "--baseline", str(tmp_path / "baseline.json"), "--gate"])
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert any("latency_reduction_pct regressed" in r for r in again["regressions"])
+    assert code == 1
+    # with the default rules these 6 s runs are too short: INVALID, so the gate fails too
+    assert main(["report", str(recorded_runs), "--out", str(tmp_path / "strict"), "--gate"]) == 1
+    strict = json.loads((tmp_path / "strict" / "summary.json").read_text())
+    assert not strict["valid"] and any("below the minimum 10 s" in r for r in strict["invalid_reasons"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium is not installed")
+def test_report_displays_in_headless_chromium(recorded_runs, tmp_path):
+    out = tmp_path / "report"
+    main(["report", str(recorded_runs), "--out", str(out), "--min-duration-s", "3", "--min-requests", "100"])
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1100,2400",
+                    f"--screenshot={shot}", (out / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] == 2400 and pixels.shape[1] == 1100
+    assert pixels[..., :3].std() > 0.05  # text, tables and plots, not a blank page
+    lower_half = pixels[1200:, :, :3]
+    assert (lower_half < 0.5).mean() > 0.005  # the plots rendered further down the page
+
+
+# --- hand-made edge cases ---------------------------------------------------------------------------
+def write_run(path: Path, scenario: str, n: int, *, admitted: bool | None = None, phase=lambda i: "steady",
+              status=lambda i: 200, cut_short: bool = False, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        is_admitted = bool(rng.random() < 0.3) if admitted is None else admitted
+        if scenario == "standard":
+            is_admitted = True
+        lines.append(json.dumps({
+            "t_intended": 1000.0 + i * 0.01, "t_sent": 1000.0 + i * 0.01, "latency_ms": float(rng.uniform(1, 3)),
+            "service_ms": 1.0, "late": False, "status": status(i), "admitted": is_admitted,
+            "action": "full" if is_admitted else "exit", "correct": bool(rng.random() < 0.97), "label": 1,
+            "predicted": 1, "tau": 0.7, "u": 0.1, "phase": phase(i), "row": i, "source": "local"}))
+    text = "\n".join(lines) + "\n"
+    if cut_short:
+        text = text[: len(text) - 40]  # a crash mid-line
+    (path / "requests.jsonl").write_text(text)
+    run = {"scenario": scenario, "model": "digits", "shape": "steady"}
+    if not cut_short:
+        (path / "run.json").write_text(json.dumps(run))
+    return path
+
+
+def report_of(root: Path) -> dict:
+    assert main(["report", str(root), "--out", str(root / "out")]) == 0
+    parse_html(root / "out" / "report.html")
+    return json.loads((root / "out" / "summary.json").read_text())
+
+
+def test_no_bio_run_claims_are_not_measurable(tmp_path):
+    write_run(tmp_path / "standard", "standard", 300)
+    summary = report_of(tmp_path)
+    assert summary["comparison"] is None
+    assert {c["status"] for c in summary["claims"]} == {"not_measurable"}
+    assert "needs one standard and one bio run" in summary["claims"][0]["reason"]
+    assert "not measurable" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_zero_admissions(tmp_path):
+    write_run(tmp_path / "standard", "standard", 300)
+    write_run(tmp_path / "bio", "bio", 300, admitted=False, seed=1)
+    summary = report_of(tmp_path)
+    assert summary["runs"]["bio"]["admission_rate"] == 0.0
+    assert summary["comparison"]["admission_rate"] == 0.0
+
+
+def test_empty_phase(tmp_path):
+    # every request of the 'spike' phase was rejected: the phase has no answered request
+    write_run(tmp_path / "bio", "bio", 300, phase=lambda i: "spike" if 100 <= i < 200 else "base",
+              status=lambda i: 503 if 100 <= i < 200 else 200)
+    summary = report_of(tmp_path)
+    spike = next(p for p in summary["runs"]["bio"]["phases"] if p["phase"] == "spike")
+    assert spike["answered"] == 0 and spike["rejected"] == 100
+    assert spike["p50_ms"] is None and spike["accuracy"] is None
+
+
+def test_run_cut_short(tmp_path):
+    write_run(tmp_path / "bio", "bio", 50, cut_short=True)
+    summary = report_of(tmp_path)
+    bio = summary["runs"]["bio"]
+    assert bio["n"] == 49  # the line cut mid-write is skipped
+    assert not summary["valid"]
+    assert any("below the minimum" in r for r in summary["invalid_reasons"])
+    assert bio["energy_source"] == "none" and bio["energy_per_request_j"] is None
+
+
+def test_missing_results_dir_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "green_mlops.cli", "report", str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, "-m", "green_mlops.cli", "report", str(tmp_path / "empty")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no recorded runs" in result.stderr
