@@ -123,11 +123,38 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=_positive_int, default=256)
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
+    serve.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
+                       help="where inference runs: ONNX Runtime in-process (Path A) or a Triton server (Path B)")
+    serve.add_argument("--triton-url", default="127.0.0.1:8000", help="Triton HTTP address")
+    serve.add_argument("--triton-metrics-url", help="Triton metrics, e.g. http://127.0.0.1:8002/metrics "
+                       "(feeds the controller's congestion signal)")
+    serve.add_argument("--triton-timeout-s", type=float, default=5.0, help="per call, default 5 s")
+    serve.add_argument("--triton-fallback", action="store_true",
+                       help="answer from ONNX Runtime in-process when Triton fails (else 503)")
     serve.add_argument("--energy-window-s", type=float, default=1.0,
                        help="energy window feeding the controller's ê, in seconds")
     serve.add_argument("--results", type=Path, help="directory for the energy windows (windows.jsonl)")
     _add_energy_flags(serve)
     _add_controller_flags(serve)
+
+    triton = commands.add_parser("triton", help="Path B: Triton model repository and server")
+    triton_commands = triton.add_subparsers(dest="triton_command", required=True)
+    repo = triton_commands.add_parser("repo", help="write a Triton model repository for a model")
+    repo.add_argument("--model", default="digits", help="embedded model name or model directory")
+    repo.add_argument("--out", type=Path, required=True, help="repository directory")
+    repo.add_argument("--flavour", choices=("onnxruntime_onnx", "python"), default="onnxruntime_onnx")
+    repo.add_argument("--max-batch-size", type=_positive_int, default=64)
+    repo.add_argument("--preferred-batch-sizes", default="4,8,16", help="comma-separated")
+    repo.add_argument("--max-queue-delay-us", type=int, default=500)
+    repo.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu")
+    repo.add_argument("--instance-count", type=_positive_int, default=1)
+    up = triton_commands.add_parser("up", help="start a real Triton server on 127.0.0.1 (Ctrl-C stops it)")
+    up.add_argument("--repo", type=Path, required=True)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--metrics-port", type=int, default=8002)
+    up.add_argument("--server", help="tritonserver binary (default: PATH, $TRITONSERVER, or the pytriton venv)")
+    install = triton_commands.add_parser("install", help="create the server's own venv (nvidia-pytriton)")
+    install.add_argument("--venv", type=Path, help="default $GREEN_MLOPS_TRITON_VENV or ~/.cache/green-mlops/triton-venv")
 
     report = commands.add_parser("report", help="report, verdict and plots from recorded runs")
     report.add_argument("results", type=Path, help="a run directory, or a directory of run directories")
@@ -176,6 +203,14 @@ def _run_serve(args) -> int:
     spec = resolve_model(args.model)
     controller = None if args.controller == "off" else BioController(controller_config(args, spec))
     backend = OnnxRuntimeTarget(spec, device=args.device)
+    if args.backend == "triton":
+        from targets.triton_target import FallbackBackend, TritonTarget
+
+        triton = TritonTarget(spec, args.triton_url, args.triton_metrics_url, timeout_s=args.triton_timeout_s,
+                              concurrency=args.max_concurrency)
+        backend = FallbackBackend(triton, backend) if args.triton_fallback else triton
+        if controller is not None and args.triton_metrics_url:
+            _poll_triton_congestion(triton, controller)
     profiler = open_energy(args, make_results_dir(args.results))
     settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
                                max_batch=args.max_batch)
@@ -256,6 +291,56 @@ def _run_report(args) -> int:
     return 0
 
 
+def _poll_triton_congestion(triton, controller, interval_s: float = 0.5) -> None:
+    """Feed Triton's queue time into the controller's ĉ, twice a second, in the background."""
+    import threading
+    import time
+
+    def poll():
+        while True:
+            controller.set_backend_congestion(triton.congestion(controller.config.slo_ms))
+            time.sleep(interval_s)
+
+    threading.Thread(target=poll, name="triton-congestion", daemon=True).start()
+
+
+def _run_triton(args) -> int:
+    from green_mlops.models import resolve_model
+    from targets.triton_repo import RepoOptions, write_repository
+    from targets.triton_server import TritonServer, install_venv
+
+    if args.triton_command == "install":
+        venv = install_venv(args.venv, log=lambda line: stderr.print(line, highlight=False))
+        Console().print(f"Triton server environment ready: {venv}", highlight=False)
+        return 0
+    if args.triton_command == "repo":
+        try:
+            preferred = tuple(int(b) for b in args.preferred_batch_sizes.split(",") if b.strip())
+        except ValueError as exc:
+            raise GreenMLOpsError(f"--preferred-batch-sizes must be integers, got '{args.preferred_batch_sizes}'") from exc
+        options = RepoOptions(flavour=args.flavour, max_batch_size=args.max_batch_size,
+                              preferred_batch_sizes=preferred, max_queue_delay_us=args.max_queue_delay_us,
+                              instance_kind=args.instance_kind, instance_count=args.instance_count)
+        written = write_repository(resolve_model(args.model), args.out, options)
+        Console().print(f"Triton repository ({args.flavour}) written to {args.out}: "
+                        f"{', '.join(p.name for p in written.values())}", highlight=False)
+        return 0
+    import signal
+    import threading
+
+    server = TritonServer(args.repo, http_port=args.http_port, metrics_port=args.metrics_port, server=args.server)
+    print(f"tritonserver ready: http://{server.url} · metrics {server.metrics_url} · log {server.log_path}",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set() and server.process.poll() is None:
+        stop.wait(0.5)
+    code = server.stop()
+    print(f"tritonserver stopped ({code})", flush=True)
+    return 0
+
+
 def _run_models_build(args) -> int:
     from green_mlops.models import EMBEDDED
     from green_mlops.models.build_digits import build
@@ -267,7 +352,7 @@ def _run_models_build(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"validate": _run_validate, "serve": _run_serve, "report": _run_report,
+    handlers = {"validate": _run_validate, "serve": _run_serve, "triton": _run_triton, "report": _run_report,
                 "models": _run_models_build}
     try:
         return handlers[args.command](args)

@@ -100,6 +100,7 @@ class BioController:
         self._energy_source = "none"
         self._recent_admitted: deque[bool] = deque(maxlen=config.latency_window)
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._external_congestion = 0.0
         self.decisions = 0
         self.admitted = 0
 
@@ -120,10 +121,15 @@ class BioController:
         return min(max(self._energy_j_per_request / self.config.energy_ref_j, 0.0), 1.0)
 
     def congestion(self) -> float:
-        """ĉ: the larger of queue occupancy beyond this request and recent p95 over the SLO."""
+        """ĉ: the largest of queue occupancy beyond this request, recent p95 over the SLO, and
+        the backend's own congestion when one reports it (e.g. Triton's queue time)."""
         queue = (self._in_flight - 1) / self.config.capacity
         latency = self._p95_ms / self.config.slo_ms
-        return min(max(queue, latency, 0.0), 1.0)
+        return min(max(queue, latency, self._external_congestion, 0.0), 1.0)
+
+    def set_backend_congestion(self, value: float) -> None:
+        """The backend's congestion in [0, 1], polled by whoever watches the backend."""
+        self._external_congestion = min(max(float(value), 0.0), 1.0)
 
     def observe_energy(self, joules_per_request: float, source: str) -> None:
         """Feed one energy-per-request reading (e.g. a profiler window) into the EWMA behind ê."""

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from targets.controlled import ControlledTarget, EarlyExitBackend, Outcome
 from targets.controller import ACTION_REJECT, BioController
-from targets.errors import InputError
+from targets.errors import BackendError, InputError
 from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
 from targets.model_dir import ModelSpec
 
@@ -211,7 +211,12 @@ def create_app(
             except InputError as exc:
                 return _error(400, str(exc))
             loop = asyncio.get_running_loop()
-            outcomes = await loop.run_in_executor(executor, target.predict, batch)
+            try:
+                outcomes = await loop.run_in_executor(executor, target.predict, batch)
+            except BackendError as exc:
+                outcome_label = "backend_error"
+                return _error(503, f"inference backend unavailable: {exc}",
+                              headers={"Retry-After": str(settings.retry_after_s)})
             parameters = _decision_parameters(outcomes)
             action = outcomes[0].action if len(outcomes) == 1 else "batch"
             if any(o.action == ACTION_REJECT for o in outcomes):

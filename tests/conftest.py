@@ -71,3 +71,28 @@ def gateway_off():
     gateway = Gateway("--controller", "off", "--max-concurrency", "1")
     yield gateway
     gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tmp_path_factory, digits_spec):
+    from targets.triton_repo import RepoOptions, write_repository
+
+    repo = tmp_path_factory.mktemp("triton-repo")
+    write_repository(digits_spec, repo, RepoOptions(flavour="python", max_queue_delay_us=2000))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_repo):
+    """A real tritonserver on loopback for the whole session (skipped, with the reason, where
+    none is installed: `green-mlops triton install` provides one)."""
+    from targets.errors import BackendError
+    from targets.triton_server import TritonServer, find_server
+
+    try:
+        find_server()
+    except BackendError as exc:
+        pytest.skip(str(exc))
+    server = TritonServer(triton_repo)
+    yield server
+    server.stop()

@@ -1,0 +1,179 @@
+"""Path B: the Triton repository, a real Triton server, the adapter, and the gateway in front."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import onnxruntime
+import pytest
+
+from targets.errors import BackendError
+from targets.triton_repo import RepoOptions, config_pbtxt, triton_model_names, write_repository
+from targets.triton_target import FallbackBackend, TritonTarget, parse_metrics
+
+
+def parsed_config(text: str) -> dict:
+    """The fields of a config.pbtxt that must match the ONNX signature."""
+    tensors = re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[ ([^\]]*) \]', text)
+    return {
+        "tensors": [(n, t, [int(d) for d in dims.split(",")]) for n, t, dims in tensors],
+        "max_batch_size": int(re.search(r"max_batch_size: (\d+)", text).group(1)),
+        "preferred": re.search(r"preferred_batch_size: \[ ([^\]]*) \]", text).group(1),
+        "delay": int(re.search(r"max_queue_delay_microseconds: (\d+)", text).group(1)),
+        "kind": re.search(r"kind: (\w+)", text).group(1),
+    }
+
+
+@pytest.mark.parametrize("key", ["full", "stage1", "stage2"])
+def test_onnxruntime_config_matches_the_onnx_signature(digits_spec, key):
+    graph = getattr(digits_spec, key)
+    options = RepoOptions(flavour="onnxruntime_onnx", max_batch_size=32, preferred_batch_sizes=(2, 8),
+                          max_queue_delay_us=100, instance_kind="gpu", instance_count=2)
+    text = config_pbtxt(f"digits_{key}", graph, options)
+    assert 'platform: "onnxruntime_onnx"' in text and "count: 2" in text
+    config = parsed_config(text)
+    session = onnxruntime.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
+    expected = [(v.name, "TYPE_FP32", list(v.shape[1:])) for v in [*session.get_inputs(), *session.get_outputs()]]
+    assert config["tensors"] == expected
+    assert config["max_batch_size"] == 32 and config["preferred"] == "2, 8" and config["delay"] == 100
+    assert config["kind"] == "KIND_GPU"
+
+
+def test_repository_layout(tmp_path, digits_spec):
+    written = write_repository(digits_spec, tmp_path, RepoOptions(flavour="python"))
+    assert {p.name for p in written.values()} == set(triton_model_names("digits").values())
+    for model_dir in written.values():
+        assert (model_dir / "config.pbtxt").exists() and (model_dir / "1" / "model.onnx").exists()
+        assert (model_dir / "1" / "model.py").exists()
+        assert 'backend: "python"' in (model_dir / "config.pbtxt").read_text()
+
+
+def test_bad_repository_options():
+    from targets.errors import GreenMLOpsError
+
+    with pytest.raises(GreenMLOpsError, match="preferred batch sizes"):
+        RepoOptions(max_batch_size=8, preferred_batch_sizes=(16,))
+    with pytest.raises(GreenMLOpsError, match="flavour"):
+        RepoOptions(flavour="tensorrt")
+
+
+def test_triton_answers_equal_onnxruntime(triton_server, digits_spec, digits_backend, digits_eval):
+    triton = TritonTarget(digits_spec, triton_server.url)
+    x = digits_eval[0][:64]
+    np.testing.assert_allclose(triton.full_probabilities(x), digits_backend.full_probabilities(x), atol=1e-5)
+    exit_t, hidden_t = triton.stage1(x)
+    exit_o, hidden_o = digits_backend.stage1(x)
+    np.testing.assert_allclose(exit_t, exit_o, atol=1e-5)
+    np.testing.assert_allclose(hidden_t, hidden_o, atol=1e-5)
+    np.testing.assert_allclose(triton.stage2(hidden_t), digits_backend.stage2(hidden_o), atol=1e-5)
+    assert triton.provider.startswith("triton:")
+
+
+def test_dynamic_batching_batches_under_concurrency(triton_server, digits_spec, digits_eval):
+    metrics_url = triton_server.metrics_url
+    triton = TritonTarget(digits_spec, triton_server.url, metrics_url)
+    before = triton.queue_metrics().get("digits_full", {})
+    rows = [digits_eval[0][i : i + 1] for i in range(256)]
+
+    def work(part):
+        for row in part:
+            triton.full_probabilities(row)
+
+    threads = [threading.Thread(target=work, args=(rows[i::16],)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = triton.queue_metrics()["digits_full"]
+    inferences = after["nv_inference_count"] - before.get("nv_inference_count", 0)
+    executions = after["nv_inference_exec_count"] - before.get("nv_inference_exec_count", 0)
+    assert inferences == 256
+    assert executions < inferences  # requests were batched together
+    assert after["nv_inference_queue_duration_us"] > 0
+
+
+def test_unreachable_triton_is_a_clear_error_within_the_timeout(digits_spec):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="unreachable"):
+        TritonTarget(digits_spec, f"127.0.0.1:{port}", timeout_s=1.0)
+    assert time.monotonic() - started < 5
+
+
+def test_metrics_parsing_and_congestion(digits_spec):
+    text = "\n".join([
+        '# HELP nv_inference_count Number of inferences',
+        'nv_inference_count{model="digits_full",version="1"} 12',
+        'nv_inference_exec_count{model="digits_full",version="1"} 4',
+        'nv_inference_queue_duration_us{model="digits_full",version="1"} 5000',
+        'nv_inference_pending_request_count{model="digits_full",version="1"} 3',
+        'nv_inference_count{model="other",version="1"} 99',
+    ])
+    metrics = parse_metrics(text, {"digits_full"})
+    assert metrics == {"digits_full": {"nv_inference_count": 12, "nv_inference_exec_count": 4,
+                                       "nv_inference_queue_duration_us": 5000,
+                                       "nv_inference_pending_request_count": 3}}
+
+
+def test_gateway_routes_to_triton(triton_server, start_gateway, digits_backend, digits_eval):
+    gateway = start_gateway("--backend", "triton", "--triton-url", triton_server.url, "--controller", "off",
+                            "--triton-metrics-url", triton_server.metrics_url)
+    x = digits_eval[0][:4]
+    body = {"inputs": [{"name": "x", "shape": [4, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    document = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=body).json()
+    np.testing.assert_allclose(np.array(document["outputs"][0]["data"]).reshape(4, 10),
+                               digits_backend.predict(x), atol=1e-5)
+    metadata = httpx.get(f"{gateway.url}/v2/models/digits").json()
+    assert metadata["parameters"]["provider"].startswith("triton:")
+
+
+def test_gateway_answers_503_or_falls_back_when_triton_dies(triton_repo, start_gateway, digits_eval):
+    from targets.triton_server import TritonServer
+
+    server = TritonServer(triton_repo)
+    plain = start_gateway("--backend", "triton", "--triton-url", server.url, "--triton-timeout-s", "1")
+    fallback = start_gateway("--backend", "triton", "--triton-url", server.url, "--triton-timeout-s", "1",
+                             "--triton-fallback")
+    server.stop()
+    x = digits_eval[0][:1]
+    body = {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    started = time.monotonic()
+    response = httpx.post(f"{plain.url}/v2/models/digits/infer", json=body, timeout=30)
+    assert response.status_code == 503 and "backend unavailable" in response.json()["error"]
+    assert response.headers["retry-after"]
+    assert time.monotonic() - started < 10
+    response = httpx.post(f"{fallback.url}/v2/models/digits/infer", json=body, timeout=30)
+    assert response.status_code == 200
+
+
+def test_serve_against_a_missing_triton_is_a_clear_error():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "green_mlops.cli", "serve", "--backend", "triton",
+                             "--triton-url", "127.0.0.1:1", "--triton-timeout-s", "1", "--energy", "off"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unreachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fallback_backend_counts_fallbacks(digits_backend, digits_eval):
+    class Dead:
+        provider = "dead"
+
+        def check(self, batch):
+            return digits_backend.check(batch)
+
+        def full_probabilities(self, batch):
+            raise BackendError("down")
+
+    backend = FallbackBackend(Dead(), digits_backend)
+    x = digits_eval[0][:2]
+    np.testing.assert_allclose(backend.full_probabilities(x), digits_backend.full_probabilities(x))
+    assert backend.fallbacks == 1
