@@ -83,16 +83,36 @@ def triton_repo(tmp_path_factory, digits_spec):
 
 
 @pytest.fixture(scope="session")
-def triton_server(triton_repo):
-    """A real tritonserver on loopback for the whole session (skipped, with the reason, where
-    none is installed: `green-mlops triton install` provides one)."""
+def local_triton():
+    """Skip, with the reason, where no tritonserver is installed (`green-mlops triton install`)."""
     from targets.errors import BackendError
-    from targets.triton_server import TritonServer, find_server
+    from targets.triton_server import find_server
 
     try:
-        find_server()
+        return find_server()
     except BackendError as exc:
         pytest.skip(str(exc))
-    server = TritonServer(triton_repo)
+
+
+class ExternalTriton:
+    """A Triton someone else started (GPU CI: the NGC container), named by the environment."""
+
+    def __init__(self, url: str, metrics_url: str | None):
+        self.url, self.metrics_url = url, metrics_url
+
+
+@pytest.fixture(scope="session")
+def triton_server(request):
+    """A real Triton: the one $GREEN_MLOPS_TRITON_URL names, else one started on loopback for
+    the whole session from the python-flavour repository."""
+    import os
+
+    if os.environ.get("GREEN_MLOPS_TRITON_URL"):
+        yield ExternalTriton(os.environ["GREEN_MLOPS_TRITON_URL"], os.environ.get("GREEN_MLOPS_TRITON_METRICS_URL"))
+        return
+    from targets.triton_server import TritonServer
+
+    request.getfixturevalue("local_triton")
+    server = TritonServer(request.getfixturevalue("triton_repo"))
     yield server
     server.stop()

@@ -74,6 +74,8 @@ def test_triton_answers_equal_onnxruntime(triton_server, digits_spec, digits_bac
 
 def test_dynamic_batching_batches_under_concurrency(triton_server, digits_spec, digits_eval):
     metrics_url = triton_server.metrics_url
+    if metrics_url is None:
+        pytest.skip("no Triton metrics URL ($GREEN_MLOPS_TRITON_METRICS_URL)")
     triton = TritonTarget(digits_spec, triton_server.url, metrics_url)
     before = triton.queue_metrics().get("digits_full", {})
     rows = [digits_eval[0][i : i + 1] for i in range(256)]
@@ -123,8 +125,8 @@ def test_metrics_parsing_and_congestion(digits_spec):
 
 
 def test_gateway_routes_to_triton(triton_server, start_gateway, digits_backend, digits_eval):
-    gateway = start_gateway("--backend", "triton", "--triton-url", triton_server.url, "--controller", "off",
-                            "--triton-metrics-url", triton_server.metrics_url)
+    metrics = ("--triton-metrics-url", triton_server.metrics_url) if triton_server.metrics_url else ()
+    gateway = start_gateway("--backend", "triton", "--triton-url", triton_server.url, "--controller", "off", *metrics)
     x = digits_eval[0][:4]
     body = {"inputs": [{"name": "x", "shape": [4, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
     document = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=body).json()
@@ -134,7 +136,7 @@ def test_gateway_routes_to_triton(triton_server, start_gateway, digits_backend, 
     assert metadata["parameters"]["provider"].startswith("triton:")
 
 
-def test_gateway_answers_503_or_falls_back_when_triton_dies(triton_repo, start_gateway, digits_eval):
+def test_gateway_answers_503_or_falls_back_when_triton_dies(local_triton, triton_repo, start_gateway, digits_eval):
     from targets.triton_server import TritonServer
 
     server = TritonServer(triton_repo)

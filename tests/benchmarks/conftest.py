@@ -8,6 +8,7 @@ is reported only).
 """
 from __future__ import annotations
 
+import time
 import tomllib
 from pathlib import Path
 
@@ -21,6 +22,26 @@ _results: list[dict] = []
 def pytest_addoption(parser):
     parser.addoption("--no-ratio-gate", action="store_true",
                      help="report benchmark ratios without failing the session")
+    parser.addoption("--inject-decision-delay-us", type=int, default=0,
+                     help="slow every controller decision down (proves the ratio gate can fail)")
+
+
+@pytest.fixture(autouse=True)
+def _slowed_controller(request, monkeypatch):
+    delay_s = request.config.getoption("--inject-decision-delay-us") / 1e6
+    if delay_s > 0:
+        from targets.controller import BioController
+
+        decide = BioController.decide
+
+        def slow_decide(self, *args, **kwargs):
+            until = time.perf_counter() + delay_s
+            while time.perf_counter() < until:
+                pass
+            return decide(self, *args, **kwargs)
+
+        monkeypatch.setattr(BioController, "decide", slow_decide)
+    yield
 
 
 @pytest.fixture(autouse=True)

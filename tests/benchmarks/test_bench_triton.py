@@ -83,3 +83,36 @@ def test_path_b_round(benchmark, triton_server, digits_eval, clients):
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     if benchmark.stats is not None:
         benchmark.extra_info["throughput_rps"] = REQUESTS_PER_ROUND / benchmark.stats.stats.median
+
+
+BATCH = 16
+
+
+@pytest.mark.benchmark(group="batched request (16 rows)")
+def test_path_a_batched_request(benchmark, gateway_path_a, digits_eval):
+    host, port = gateway_path_a.host_port.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    x = digits_eval[0][:BATCH]
+    body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]})
+
+    def call():
+        connection.request("POST", "/v2/models/digits/infer", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+
+    benchmark(call)
+    connection.close()
+
+
+@pytest.mark.benchmark(group="batched request (16 rows)")
+def test_path_b_batched_request(benchmark, triton_server, digits_eval):
+    import tritonclient.http as triton_http
+
+    client = triton_http.InferenceServerClient(triton_server.url)
+    x = np.ascontiguousarray(digits_eval[0][:BATCH])
+    tensor = triton_http.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    benchmark(client.infer, "digits_full", [tensor])
+    client.close()
