@@ -168,8 +168,15 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="build the embedded models")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     build = model_commands.add_parser("build", help="train and export a model (needs the 'models' extra)")
-    build.add_argument("name", nargs="?", default="digits", choices=("digits",))
-    build.add_argument("--out", type=Path, help="output directory (default: the embedded model's)")
+    build.add_argument("name", nargs="?", default="digits", choices=("digits", "reviews"))
+    build.add_argument("--out", type=Path,
+                       help="output directory (default: digits in the package; reviews in $GREEN_MLOPS_MODELS "
+                            "or ~/.cache/green-mlops/models)")
+    build.add_argument("--variant", choices=("fast", "full"), default="fast",
+                       help="reviews: frozen encoder with trained heads (minutes), or fine-tuned (15-20 min)")
+    build.add_argument("--samples", type=_positive_int, help="reviews: cap the data (a quick, smaller build)")
+    build.add_argument("--max-length", type=_positive_int, default=64, help="reviews: tokens per snippet")
+    build.add_argument("--exit-layer", type=_positive_int, default=2, help="reviews: layers in stage 1")
     return parser
 
 
@@ -342,11 +349,23 @@ def _run_triton(args) -> int:
 
 
 def _run_models_build(args) -> int:
-    from green_mlops.models import EMBEDDED
-    from green_mlops.models.build_digits import build
+    import time
 
-    out = args.out or EMBEDDED[args.name]
-    build(out, log=lambda line: stderr.print(line))
+    from green_mlops.models import model_home
+
+    out = args.out or model_home(args.name)
+    log = lambda line: stderr.print(line, highlight=False)  # noqa: E731
+    started = time.monotonic()
+    if args.name == "digits":
+        from green_mlops.models.build_digits import build
+
+        build(out, log=log)
+    else:
+        from green_mlops.models.build_reviews import build
+
+        build(out, log=log, variant=args.variant, samples=args.samples, max_length=args.max_length,
+              exit_layer=args.exit_layer)
+    stderr.print(f"models build {args.name}: {time.monotonic() - started:.0f} s", highlight=False)
     return 0
 
 

@@ -276,10 +276,13 @@ def _load_data(options):
     if RUN.data is None:
         from green_mlops.models import resolve_model
 
+        from targets.kserve import datatype_of
+
         spec = resolve_model(options.model)
         x, y = spec.load_eval()
+        datatype = datatype_of(spec.input_dtype)
         bodies = [json.dumps({"inputs": [{"name": spec.input_name, "shape": [1, *x.shape[1:]],
-                                          "datatype": "FP32", "data": row.ravel().tolist()}]}).encode()
+                                          "datatype": datatype, "data": row.ravel().tolist()}]}).encode()
                   for row in x]
         RUN.data = (spec.name, bodies, [int(v) for v in y])
     return RUN.data

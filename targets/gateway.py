@@ -122,6 +122,7 @@ def create_app(
     app = FastAPI(title="green-mlops gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
     # The gateway measures load from arrival to answer itself, queueing included.
     target = ControlledTarget(backend, controller, track_load=False)
+    tokenizer = spec.load_tokenizer()  # text models: BYTES inputs are tokenised here, at the edge
     in_flight = [0]
     answered = [0]
     app.state.answered_requests = lambda: answered[0]  # running count, for energy per request
@@ -137,6 +138,8 @@ def create_app(
         "parameters": {"classes": ",".join(spec.classes), "provider": target.provider,
                        "controller": "off" if controller is None else "bio"},
     }
+    if tokenizer is not None:
+        metadata["parameters"]["text_input"] = "BYTES, shape [n]: texts, tokenised by the gateway"
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -204,7 +207,7 @@ def create_app(
             try:
                 body = await _read_body(request, settings.max_body_bytes)
                 decoded = decode_infer_request(body, request.headers.get(HEADER_LENGTH), spec.input_name,
-                                               spec.input_dtype, settings.max_batch)
+                                               spec.input_dtype, settings.max_batch, tokenizer)
                 batch = target.backend.check(decoded.batch)
             except PayloadTooLarge:
                 return _error(413, f"request body exceeds {settings.max_body_bytes} bytes")

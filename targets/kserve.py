@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -102,28 +104,69 @@ def _values(entry: dict, shape: tuple[int, ...], dtype: np.dtype, binary: bytes,
     return array.reshape(shape), offset
 
 
+def _texts(entry: dict, shape: tuple[int, ...], binary: bytes) -> list[str]:
+    """BYTES input: JSON strings, or the binary form (each element a 4-byte little-endian length
+    then its bytes), one UTF-8 text per row."""
+    if len(shape) != 1:
+        raise ProtocolError(f"text input shape must be [n], got {list(shape)}")
+    size = (entry.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+            raise ProtocolError(f"binary_data_size {size!r} does not fit the binary data")
+        items, offset = [], 0
+        while offset < size:
+            if offset + 4 > size:
+                raise ProtocolError("BYTES binary data is cut short")
+            (length,) = struct.unpack_from("<I", binary, offset)
+            if offset + 4 + length > size:
+                raise ProtocolError("BYTES binary data is cut short")
+            items.append(binary[offset + 4 : offset + 4 + length])
+            offset += 4 + length
+    else:
+        items = entry.get("data")
+        if not isinstance(items, list):
+            raise ProtocolError("text input needs 'data': a list of strings")
+    if len(items) != shape[0]:
+        raise ProtocolError(f"text input holds {len(items)} strings, shape {list(shape)} needs {shape[0]}")
+    try:
+        return [i.decode("utf-8") if isinstance(i, bytes) else i for i in items]
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"text input is not UTF-8: {exc}") from None
+
+
 def decode_infer_request(
     body: bytes,
     header_length: str | None,
     input_name: str,
     input_dtype: np.dtype,
     max_batch: int,
+    tokenize: Callable[[list[str]], np.ndarray] | None = None,
 ) -> InferRequest:
-    """Decode an infer request for a model with one input; ProtocolError says what is wrong."""
+    """Decode an infer request for a model with one input; ProtocolError says what is wrong.
+
+    With ``tokenize`` (text models), the input may also be BYTES: texts, tokenised here.
+    """
     header, binary = _header(body, header_length)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ProtocolError(f"'inputs' must be a list holding one input named '{input_name}'")
     entry = inputs[0]
-    if entry.get("name") != input_name:
-        raise ProtocolError(f"unknown input {entry.get('name')!r}: this model's input is '{input_name}'")
     expected = datatype_of(input_dtype)
-    if entry.get("datatype") != expected:
-        raise ProtocolError(f"input datatype must be {expected}, got {entry.get('datatype')!r}")
-    shape = _shape(entry)
-    if shape[0] > max_batch:
-        raise ProtocolError(f"batch of {shape[0]} exceeds this gateway's maximum of {max_batch}")
-    array, _ = _values(entry, shape, np.dtype(input_dtype), binary, 0)
+    if tokenize is not None and entry.get("datatype") == "BYTES":
+        shape = _shape(entry)
+        if shape[0] > max_batch:
+            raise ProtocolError(f"batch of {shape[0]} exceeds this gateway's maximum of {max_batch}")
+        array = tokenize(_texts(entry, shape, binary))
+    else:
+        if entry.get("name") != input_name:
+            raise ProtocolError(f"unknown input {entry.get('name')!r}: this model's input is '{input_name}'")
+        if entry.get("datatype") != expected:
+            also = " (or BYTES text)" if tokenize is not None else ""
+            raise ProtocolError(f"input datatype must be {expected}{also}, got {entry.get('datatype')!r}")
+        shape = _shape(entry)
+        if shape[0] > max_batch:
+            raise ProtocolError(f"batch of {shape[0]} exceeds this gateway's maximum of {max_batch}")
+        array, _ = _values(entry, shape, np.dtype(input_dtype), binary, 0)
 
     outputs = header.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):

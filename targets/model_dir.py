@@ -1,7 +1,9 @@
 """The model directory contract, usable for any early-exit model.
 
 A model directory holds ``full.onnx``, ``stage1.onnx``, ``stage2.onnx`` and ``model.json``;
-optionally an evaluation set (``eval.npz`` with arrays ``x`` and ``y``). ``model.json`` names,
+optionally an evaluation set (``eval.npz`` with arrays ``x`` and ``y``) and, for text models, a
+``tokenizer`` entry (``file``, ``max_length``, ``pad_id``) naming a ``tokenizer.json`` that turns
+text into the model's token ids at the edge. ``model.json`` names,
 for each graph, its file, input names and output names; the model input's name, dtype and shape
 (``-1`` for the batch axis); the class labels; and whether the final outputs are ``logits`` or
 ``probabilities``. Stage 1 returns ``(exit_output, hidden)``; stage 2 takes ``hidden``.
@@ -45,6 +47,17 @@ class ModelSpec:
     eval_path: Path | None
     controller_hints: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    tokenizer_path: Path | None = None  # text models: tokenizer.json, run at the edge
+    tokenizer_max_length: int | None = None
+    tokenizer_pad_id: int = 0
+
+    def load_tokenizer(self):
+        """The edge tokenizer of a text model (None for models that take tensors only)."""
+        if self.tokenizer_path is None:
+            return None
+        from targets.tokenizer import EdgeTokenizer
+
+        return EdgeTokenizer(self.tokenizer_path, self.tokenizer_max_length, self.tokenizer_pad_id)
 
     def load_eval(self) -> tuple[np.ndarray, np.ndarray]:
         """The labelled evaluation set ``(x, y)``; ModelDirError when the model ships none."""
@@ -106,6 +119,14 @@ def load_model_dir(directory: str | Path) -> ModelSpec:
     outputs_are = meta.get("outputs_are", "logits")
     if outputs_are not in ("logits", "probabilities"):
         raise ModelDirError(f"{where}: 'outputs_are' must be 'logits' or 'probabilities'")
+    tokenizer = meta.get("tokenizer")
+    tokenizer_path = None
+    if isinstance(tokenizer, dict):
+        tokenizer_path = directory / tokenizer.get("file", "tokenizer.json")
+        if not tokenizer_path.is_file():
+            raise ModelDirError(f"tokenizer missing: {tokenizer_path}")
+        if not isinstance(tokenizer.get("max_length"), int):
+            raise ModelDirError(f"{where}: 'tokenizer' needs an integer 'max_length'")
     eval_entry = meta.get("eval")
     eval_path = directory / eval_entry["file"] if isinstance(eval_entry, dict) else None
     if eval_path is not None and not eval_path.is_file():
@@ -124,4 +145,7 @@ def load_model_dir(directory: str | Path) -> ModelSpec:
         eval_path=eval_path,
         controller_hints=dict(meta.get("controller", {})),
         meta=meta,
+        tokenizer_path=tokenizer_path,
+        tokenizer_max_length=tokenizer.get("max_length") if tokenizer_path else None,
+        tokenizer_pad_id=int(tokenizer.get("pad_id", 0)) if tokenizer_path else 0,
     )

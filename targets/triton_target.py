@@ -18,6 +18,7 @@ import urllib.request
 import numpy as np
 
 from targets.errors import BackendError
+from targets.kserve import datatype_of
 from targets.model_dir import ModelSpec
 from targets.ort_target import check_batch, softmax
 from targets.triton_repo import triton_model_names
@@ -87,8 +88,9 @@ class TritonTarget:
         name = self.names[key]
         tensors = []
         for input_name, array in inputs.items():
-            tensor = self._http.InferInput(input_name, list(array.shape), "FP32")
-            tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=np.float32), binary_data=True)
+            array = np.ascontiguousarray(array)
+            tensor = self._http.InferInput(input_name, list(array.shape), datatype_of(array.dtype))
+            tensor.set_data_from_numpy(array, binary_data=True)
             tensors.append(tensor)
         wanted = [self._http.InferRequestedOutput(o, binary_data=True) for o in outputs]
         try:

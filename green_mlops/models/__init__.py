@@ -1,20 +1,33 @@
 """Embedded models: names a user can pass as ``--model``, and where their directories are."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from targets.errors import ModelDirError
 from targets.model_dir import ModelSpec, load_model_dir
 
 EMBEDDED_DIR = Path(__file__).resolve().parent
-EMBEDDED = {"digits": EMBEDDED_DIR / "digits"}
 DEFAULT_MODEL = "digits"
+
+
+def models_cache() -> Path:
+    """Where models too large for git are built: $GREEN_MLOPS_MODELS or ~/.cache/green-mlops/models."""
+    return Path(os.environ.get("GREEN_MLOPS_MODELS", Path.home() / ".cache" / "green-mlops" / "models"))
+
+
+def model_home(name: str) -> Path:
+    """Where the named model lives: ``digits`` inside the package, ``reviews`` in the cache."""
+    return EMBEDDED_DIR / "digits" if name == "digits" else models_cache() / name
+
+
+EMBEDDED = ("digits", "reviews")
 
 
 def resolve_model(name_or_dir: str) -> ModelSpec:
     """An embedded model by name, or any model directory by path."""
     if name_or_dir in EMBEDDED:
-        path = EMBEDDED[name_or_dir]
+        path = model_home(name_or_dir)
         if not (path / "model.json").is_file():
             raise ModelDirError(f"embedded model '{name_or_dir}' is not built: run "
                                 f"'green-mlops models build {name_or_dir}'")
