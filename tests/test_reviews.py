@@ -97,3 +97,20 @@ def test_validate_takes_the_text_model(small_reviews, tmp_path):
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["model"] == "reviews" and v["standard"]["n_requests"] == 160
     assert 0 <= v["admission_rate"] <= 1 and 0 <= v["oracle_skip_rate"] <= 1
+
+
+def test_full_variant_fine_tunes_and_keeps_the_contract(tmp_path):
+    try:
+        load_reviews()
+    except SystemExit as exc:
+        pytest.skip(str(exc))
+    from green_mlops.models.build_reviews import build
+
+    meta = build(tmp_path, log=lambda line: None, variant="full", samples=120, max_length=16, exit_layer=1,
+                 epochs=1)
+    assert meta["build"]["variant"] == "full"
+    spec = load_model_dir(tmp_path)
+    backend = OnnxRuntimeTarget(spec, device="cpu")
+    x, _ = spec.load_eval()
+    _, hidden = backend.stage1(x)
+    np.testing.assert_allclose(backend.stage2(hidden), backend.predict(x), atol=1e-4)
