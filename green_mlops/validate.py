@@ -14,21 +14,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from green_mlops.cli import (
-    EXIT_GATE, build_report, controller_config, gate_failures, make_results_dir, open_energy, stderr,
-)
+from green_mlops.cli import EXIT_GATE, controller_config, make_results_dir, open_energy, stderr
 from green_mlops.models import resolve_model
 from loadtests.ablation import request_order, run_ablation, run_sweep
 from loadtests.runner import LoadSpec, run_scenario
 from profilers.profiler import Sampler
 from reports.ablation import print_summary, print_sweep, summarise
+from reports.build import build_report, gate_failures
 from targets.errors import GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
 
@@ -54,7 +53,7 @@ def run_validate(args) -> int:
     backend = OnnxRuntimeTarget(spec, device=args.device)
     x, y = spec.load_eval()
     order = request_order(len(x), args.requests, min_requests=2000)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = make_results_dir(args.results or Path(f"results/{stamp}-validate"))
     profiler = open_energy(args, make_results_dir(results / "ablation"))
     console = Console()

@@ -18,7 +18,7 @@ import os
 import platform
 import random
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import gevent
@@ -39,18 +39,19 @@ ARRIVAL_SLICE_S = 0.25  # an open-loop generator yields this often, so it can st
 class _Run:
     """This process's state: the scenario, the data, the writer (local or master), the gateway."""
 
-    scenario = "bio"
-    gateway = None
-    writer: RecordWriter | None = None
-    results_dir: Path | None = None
-    started_s: float | None = None
-    data = None  # (request bodies, labels)
-    outbox: list[dict] = []
-    shipper = None
-    profiler = None
-    energy_feed = None
-    sampler = None
-    metadata: dict = {}
+    def __init__(self):
+        self.scenario = "bio"
+        self.gateway = None  # the gateway this locustfile started, if it started one
+        self.writer: RecordWriter | None = None  # local runner or master only
+        self.results_dir: Path | None = None
+        self.started_s: float | None = None
+        self.data = None  # (model name, request bodies, labels)
+        self.outbox: list[dict] = []  # a worker's records not yet shipped to the master
+        self.shipper = None
+        self.profiler = None
+        self.energy_feed = None
+        self.sampler = None
+        self.metadata: dict = {}
 
 
 RUN = _Run()
@@ -116,7 +117,7 @@ def _init(environment, **_):
         RUN.gateway = GatewayProcess("--model", options.model,
                                      "--controller", "bio" if RUN.scenario == "bio" else "off", *extra)
         environment.host = RUN.gateway.url
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     RUN.results_dir = Path(options.results or f"results/{stamp}-{RUN.scenario}")
     RUN.writer = RecordWriter(RUN.results_dir)
     if isinstance(environment.runner, MasterRunner):
@@ -140,7 +141,7 @@ def _test_start(environment, **_):
         return
     if RUN.writer is None:
         return
-    if RUN.energy_feed is not None and not RUN.energy_feed._thread.is_alive():
+    if RUN.energy_feed is not None and not RUN.energy_feed.running:
         RUN.energy_feed.start()
         RUN.sampler.start()
     options = _options(environment)
@@ -154,7 +155,7 @@ def _test_start(environment, **_):
         "shape_params": vars(_shape_of(options).p),
         "open_loop": options.arrival_rate > 0,
         "arrival_rate_rps": options.arrival_rate or None,
-        "started_at": datetime.now(timezone.utc).isoformat(),
+        "started_at": datetime.now(UTC).isoformat(),
         "energy_sources": RUN.profiler.source_labels() if RUN.profiler else [],
         "energy_unavailable": RUN.profiler.unavailable if RUN.profiler else {},
         "versions": _versions(),
@@ -217,7 +218,7 @@ def _quitting(environment, **_):
     if isinstance(environment.runner, MasterRunner):
         gevent.sleep(2 * SHIP_EVERY_S)  # the workers' last shipment
     for part in (RUN.energy_feed, RUN.sampler):
-        if part is not None and part._thread.is_alive():
+        if part is not None and part.running:
             part.stop()
     if RUN.profiler is not None:
         RUN.profiler.close()
@@ -226,7 +227,7 @@ def _quitting(environment, **_):
         RUN.gateway.stop()
     records = read_records(RUN.writer.path)
     rows = phase_summary(records)
-    RUN.metadata.update(ended_at=datetime.now(timezone.utc).isoformat(), n_records=len(records),
+    RUN.metadata.update(ended_at=datetime.now(UTC).isoformat(), n_records=len(records),
                         phases=rows, **_energy_totals(len(records)))
     _write_metadata()
     _print_summary(rows, environment)

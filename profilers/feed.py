@@ -24,6 +24,10 @@ class PeriodicEnergyFeed:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="energy-feed", daemon=True)
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
 

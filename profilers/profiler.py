@@ -172,6 +172,10 @@ class Sampler:
     def __exit__(self, *exc):
         self.stop()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self) -> None:
         self._thread.start()
 

@@ -172,7 +172,7 @@ def render_markdown(summary: dict, png_names: list[str]) -> str:
     parts = [
         "# green-mlops report", "", f"**{_verdict(summary)}**", "",
         *[f"- {r}" for r in summary["invalid_reasons"]], "",
-        *([f"Regressions against the baseline:", *[f"- {r}" for r in summary["regressions"]], ""]
+        *(["Regressions against the baseline:", *[f"- {r}" for r in summary["regressions"]], ""]
           if summary.get("regressions") else []),
         "## Claims", "", _md_table(CLAIM_HEADER, _claim_rows(summary)), "",
         "## Standard vs bio", "", *_comparison_lines(summary), "",
