@@ -2,6 +2,7 @@
 
 * With no ``--host`` the locustfile starts the gateway itself (``green-mlops serve`` on an
   ephemeral loopback port, controller on for bio, off for standard) and stops it at the end.
+  ``--backend triton --host URL`` drives a Triton server directly (its ``<model>_full``).
 * Users send rows of the model's labelled evaluation set, so every answer is scored.
 * ``--shape`` picks a congestion pattern (:mod:`loadtests.shapes`); ``--arrival-rate R`` switches
   to open loop: Poisson arrivals at R requests/s (scaled by the shape), each sent on schedule in
@@ -83,6 +84,8 @@ def _arguments(parser):
     group.add_argument("--country", default="USA", help="ISO alpha-3 code for CodeCarbon's CO2 intensity")
     group.add_argument("--controller-config", default="",
                        help="TOML [controller] file for the gateway the locustfile starts")
+    group.add_argument("--backend", default="gateway", choices=("gateway", "triton"),
+                       help="what --host is: the green-mlops gateway, or a Triton server (its <model>_full)")
 
 
 def _options(environment):
@@ -106,6 +109,8 @@ def _init(environment, **_):
     if options is None:  # used as a library without a command line: nothing to set up
         return
     _shape_of(options)  # bad shape parameters fail here, before anything starts
+    if options.backend == "triton" and not environment.host:
+        raise SystemExit("--backend triton drives a running Triton server: give its address with --host")
     if not environment.stop_timeout:
         # Let users finish the request in hand when the run ends, so that every request the
         # gateway answered is recorded (Locust would otherwise kill them mid-request).
@@ -147,7 +152,8 @@ def _test_start(environment, **_):
     options = _options(environment)
     RUN.metadata = {
         "scenario": RUN.scenario,
-        "controller": "bio" if RUN.scenario == "bio" else "off",
+        "backend": options.backend,
+        "controller": "off" if options.backend == "triton" else "bio" if RUN.scenario == "bio" else "off",
         "host": environment.host,
         "gateway_started_by_locustfile": RUN.gateway is not None,
         "model": options.model,
@@ -160,7 +166,7 @@ def _test_start(environment, **_):
         "energy_unavailable": RUN.profiler.unavailable if RUN.profiler else {},
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        **_served_model(environment.host, options.model),
+        **_served_model(environment.host, _served_name(options)),
     }
     _write_metadata()
 
@@ -177,14 +183,15 @@ def _versions() -> dict:
     return found
 
 
-def _served_model(host: str, model: str) -> dict:
-    """What the gateway says of the model it serves (provider, controller)."""
+def _served_model(host: str, name: str) -> dict:
+    """What the server says of the model it serves (the gateway names its provider)."""
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"{host}/v2/models/{_model_name(model)}", timeout=5) as response:
+        with urllib.request.urlopen(f"{host}/v2/models/{name}", timeout=5) as response:
             metadata = json.load(response)
-        return {"provider": metadata.get("parameters", {}).get("provider"), "served_model": metadata}
+        provider = metadata.get("parameters", {}).get("provider") or f"triton:{metadata.get('platform')}"
+        return {"provider": provider, "served_model": metadata}
     except (OSError, ValueError) as exc:
         return {"provider": None, "served_model_error": str(exc)}
 
@@ -266,10 +273,12 @@ def _print_summary(rows: list[dict], environment) -> None:
 
 
 # --- users ------------------------------------------------------------------------------------------
-def _model_name(model: str) -> str:
+def _served_name(options) -> str:
+    """The model's name on the server: the gateway serves it as is, Triton as ``<name>_full``."""
     from green_mlops.models import resolve_model
 
-    return resolve_model(model).name
+    name = resolve_model(options.model).name
+    return f"{name}_full" if options.backend == "triton" else name
 
 
 def _load_data(options):
@@ -295,8 +304,8 @@ class _InferUser(FastHttpUser):
 
     def on_start(self):
         options = _options(self.environment)
-        self.model_name, self.bodies, self.labels = _load_data(options)
-        self.path = f"/v2/models/{self.model_name}/infer"
+        _, self.bodies, self.labels = _load_data(options)
+        self.path = f"/v2/models/{_served_name(options)}/infer"
         self.rng = random.Random()
         self.shape = _shape_of(options)
         self.source = getattr(self.environment.runner, "client_id", "local")
@@ -325,7 +334,7 @@ class _InferUser(FastHttpUser):
             "late": intended_s is not None and (sent_s - intended_s) * 1e3 > _options(self.environment).late_ms,
             "status": status,
             "admitted": parameters.get("admitted", status == 200) if status == 200 else False,
-            "action": parameters.get("action", "reject" if status == 503 else None),
+            "action": parameters.get("action", "reject" if status == 503 else "full" if status == 200 else None),
             "correct": predicted == label if status == 200 else False,
             "label": label,
             "predicted": predicted,

@@ -178,3 +178,31 @@ def test_web_ui_drives_the_same_scenario(gateway_bio, tmp_path):
         process.communicate(timeout=30)
     records = recorded(tmp_path)
     assert len(records) > 10 and all(r["status"] == 200 for r in records)
+
+
+def test_locust_drives_triton_directly(triton_server, tmp_path):
+    import urllib.request
+
+    def served_by_triton() -> float:
+        if not triton_server.metrics_url:
+            return -1
+        text = urllib.request.urlopen(triton_server.metrics_url).read().decode()
+        line = next(l for l in text.splitlines() if l.startswith('nv_inference_request_success{model="digits_full"'))
+        return float(line.rsplit(" ", 1)[1])
+
+    before = served_by_triton()
+    locust("-f", STANDARD, "--headless", "--backend", "triton", "--host", f"http://{triton_server.url}",
+           "-u", "2", "-r", "2", "-t", "2", "--energy", "off", "--results", str(tmp_path), cwd=tmp_path)
+    records = recorded(tmp_path)
+    assert records and all(r["status"] == 200 and r["action"] == "full" for r in records)
+    assert sum(r["correct"] for r in records) / len(records) > 0.9
+    if before >= 0:
+        assert served_by_triton() - before == len(records)
+    metadata = json.loads((tmp_path / "run.json").read_text())
+    assert metadata["backend"] == "triton" and metadata["provider"].startswith("triton:")
+
+
+def test_backend_triton_needs_a_host(tmp_path):
+    result = subprocess.run([*LOCUST, "-f", STANDARD, "--headless", "--backend", "triton", "-t", "1",
+                             "--energy", "off"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0 and "give its address with --host" in result.stderr
