@@ -306,6 +306,9 @@ def _run_triton(args) -> int:
     import signal
     import threading
 
+    if not args.repo.is_dir() or not any(args.repo.glob("*/config.pbtxt")):
+        raise GreenMLOpsError(f"{args.repo} is not a Triton model repository (no <model>/config.pbtxt): "
+                              "write one with 'green-mlops triton repo'")
     server = TritonServer(args.repo, http_port=args.http_port, metrics_port=args.metrics_port, server=args.server)
     print(f"tritonserver ready: http://{server.url} · metrics {server.metrics_url} · log {server.log_path}",
           flush=True)

@@ -179,3 +179,34 @@ def test_fallback_backend_counts_fallbacks(digits_backend, digits_eval):
     x = digits_eval[0][:2]
     np.testing.assert_allclose(backend.full_probabilities(x), digits_backend.full_probabilities(x))
     assert backend.fallbacks == 1
+
+
+def test_triton_up_checks_the_repository(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "green_mlops.cli", "triton", "up", "--repo", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not a Triton model repository" in result.stderr
+
+
+def test_triton_up_serves_until_sigterm(local_triton, triton_repo):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    process = subprocess.Popen([sys.executable, "-m", "green_mlops.cli", "triton", "up", "--repo", str(triton_repo),
+                                "--http-port", str(ports[0]), "--metrics-port", str(ports[1])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert f"http://127.0.0.1:{ports[0]}" in line
+    assert httpx.get(f"http://127.0.0.1:{ports[0]}/v2/models/digits_full/ready").status_code == 200
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and "tritonserver stopped" in out
