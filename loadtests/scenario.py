@@ -108,7 +108,10 @@ def _init(environment, **_):
     options = _options(environment)
     if options is None:  # used as a library without a command line: nothing to set up
         return
-    _shape_of(options)  # bad shape parameters fail here, before anything starts
+    try:
+        _shape_of(options)  # bad shape parameters fail here, before anything starts
+    except ValueError as exc:
+        raise SystemExit(f"green-mlops: {exc}") from None
     if options.backend == "triton" and not environment.host:
         raise SystemExit("--backend triton drives a running Triton server: give its address with --host")
     if not environment.stop_timeout:
@@ -237,7 +240,7 @@ def _quitting(environment, **_):
     RUN.metadata.update(ended_at=datetime.now(UTC).isoformat(), n_records=len(records),
                         phases=rows, **_energy_totals(len(records)))
     _write_metadata()
-    _print_summary(rows, environment)
+    _print_summary(rows)
 
 
 def _energy_totals(n_records: int) -> dict:
@@ -245,19 +248,19 @@ def _energy_totals(n_records: int) -> dict:
     if not path.exists() or n_records == 0:
         return {"energy_per_request_j": None, "energy_source": "none"}
     windows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    measured = [w for w in windows if w["energy_j"] is not None]
-    if not measured:
+    read = [w for w in windows if w["energy_j"] is not None]  # measured or estimated, as labelled
+    if not read:
         return {"energy_per_request_j": None, "energy_source": "none"}
-    return {"energy_per_request_j": sum(w["energy_j"] for w in measured) / n_records,
-            "energy_source": measured[-1]["energy_source"]}
+    return {"energy_per_request_j": sum(w["energy_j"] for w in read) / n_records,
+            "energy_source": read[-1]["energy_source"]}
 
 
-def _print_summary(rows: list[dict], environment) -> None:
+def _print_summary(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    def fmt(value, spec=".2f", scale=1.0):
-        return "–" if value is None else format(value * scale, spec)
+    def fmt(value, spec=".2f"):
+        return "–" if value is None else format(value, spec)
 
     table = Table(title=f"green-mlops {RUN.scenario} · {RUN.metadata.get('shape')} · "
                         f"{'open loop' if RUN.metadata.get('open_loop') else 'closed loop'} · latency ms")

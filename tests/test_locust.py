@@ -206,3 +206,10 @@ def test_backend_triton_needs_a_host(tmp_path):
     result = subprocess.run([*LOCUST, "-f", STANDARD, "--headless", "--backend", "triton", "-t", "1",
                              "--energy", "off"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode != 0 and "give its address with --host" in result.stderr
+
+
+def test_bad_shape_parameters_are_a_clear_error(tmp_path):
+    result = subprocess.run([*LOCUST, "-f", BIO, "--headless", "--phase-s", "0", "-t", "1", "--energy", "off"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0 and "phase length" in result.stderr
+    assert "Traceback" not in result.stderr
