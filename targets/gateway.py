@@ -39,7 +39,7 @@ class GatewaySettings:
     max_concurrency: int = 4  # inference worker threads
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     max_batch: int = 256
-    retry_after_s: int = 1  # Retry-After of a rejected request's 503
+    retry_after_s: int = 1  # Retry-After of a 503 (not admitted, or the backend failed)
 
 
 class PayloadTooLarge(Exception):
