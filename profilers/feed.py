@@ -1,13 +1,12 @@
 """Energy per request for a long-running server: back-to-back windows feeding the controller's ê."""
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
-from profilers.profiler import Profiler, feed_controller
+from profilers.profiler import BackgroundLoop, Profiler, feed_controller
 
 
-class PeriodicEnergyFeed:
+class PeriodicEnergyFeed(BackgroundLoop):
     """Every ``window_s`` seconds, close the current energy window, divide its energy by the
     requests answered in it (``answered()`` is a running count) and feed the controller.
 
@@ -21,19 +20,7 @@ class PeriodicEnergyFeed:
         self.profiler, self.controller, self.answered, self.window_s = profiler, controller, answered, window_s
         self.last_j_per_request: float | None = None
         self.windows = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="energy-feed", daemon=True)
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__("energy-feed")
 
     def _run(self) -> None:
         count = self.answered()

@@ -123,6 +123,36 @@ def open_profiler(
     return Profiler(sources, unavailable, record_path)
 
 
+class BackgroundLoop:
+    """A daemon thread running ``self._run()``, which watches ``self._stop``; ``stop()`` sets it
+    and waits for the loop to finish."""
+
+    def __init__(self, name: str):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _cpu_percent_reader():
     """psutil's system-wide CPU utilisation since the previous call, or None without psutil."""
     try:
@@ -144,7 +174,7 @@ def feed_controller(window: WindowResult, n_requests: int, controller) -> float 
     return per_request
 
 
-class Sampler:
+class Sampler(BackgroundLoop):
     """A background thread sampling power, utilisation and memory at ``rate_hz`` into a timeline.
 
     RAPL power comes from counter deltas between samples; NVML's from its power reading. Each
@@ -159,29 +189,10 @@ class Sampler:
         self._rapl = [s for s in profiler.sources if isinstance(s, RaplSource)]
         self.timeline: list[dict] = []
         self._path = path
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="power-sampler", daemon=True)
         self.cpu_time_s = 0.0  # CPU time the sampler thread itself used
         self._cpu_percent = _cpu_percent_reader()
         self._rapl_last = {id(s): (time.monotonic(), s.begin()) for s in self._rapl}
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__("power-sampler")
 
     def sample_once(self) -> dict:
         """Take one sample now (the thread calls this every interval)."""

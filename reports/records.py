@@ -36,12 +36,17 @@ def phase_summary(records: list[dict]) -> list[dict]:
 
 
 def _figures(name: str, records: list[dict]) -> dict:
+    return {"phase": name, **request_figures(records)}
+
+
+def request_figures(records: list[dict]) -> dict:
+    """n, answered, rejected, failed and late counts, duration and throughput, latency over all
+    answered samples, admission rate and accuracy over answered requests."""
     answered = [r for r in records if r["status"] == 200]
     sent = [r["t_sent"] for r in records]
     duration_s = (max(sent) - min(sent)) if len(sent) > 1 else 0.0
     latency = latency_summary(np.array([r["latency_ms"] for r in answered]))
     return {
-        "phase": name,
         "n": len(records),
         "answered": len(answered),
         "rejected": sum(r["status"] == 503 for r in records),
@@ -49,6 +54,7 @@ def _figures(name: str, records: list[dict]) -> dict:
         "late": sum(bool(r.get("late")) for r in records),
         "duration_s": duration_s,
         "throughput_rps": len(answered) / duration_s if duration_s > 0 else None,
+        "mean_latency_ms": latency["mean_ms"],
         "p50_ms": latency["p50_ms"],
         "p95_ms": latency["p95_ms"],
         "p99_ms": latency["p99_ms"],

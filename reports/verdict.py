@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from reports.ablation import PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT
-from reports.records import phase_summary
+from reports.records import phase_summary, request_figures
 from reports.runs import Run
-from reports.stats import independent_bootstrap_ci, latency_summary, reduction_pct
+from reports.stats import independent_bootstrap_ci, reduction_pct
 
 HELD, NOT_HELD, NOT_MEASURABLE = "held", "not_held", "not_measurable"
 
@@ -41,10 +41,7 @@ def _answered(run: Run) -> list[dict]:
 
 def run_figures(run: Run) -> dict:
     """The figures of one run: conditions, throughput, latency, accuracy, admission, energy."""
-    records, answered = run.records, _answered(run)
-    sent = [r["t_sent"] for r in records]
-    duration_s = (max(sent) - min(sent)) if len(sent) > 1 else 0.0
-    latency = latency_summary(np.array([r["latency_ms"] for r in answered]))
+    records = run.records
     windows = [w for w in run.windows if w.get("energy_j") is not None]
     energy_j = sum(w["energy_j"] for w in windows) if windows else None
     co2 = [w["co2_g"] for w in run.windows if w.get("co2_g") is not None]
@@ -55,19 +52,7 @@ def run_figures(run: Run) -> dict:
         "conditions": {k: m.get(k) for k in ("model", "provider", "controller", "shape", "shape_params",
                                              "open_loop", "arrival_rate_rps", "host", "versions", "machine",
                                              "started_at", "ended_at")},
-        "n": len(records),
-        "answered": len(answered),
-        "rejected": sum(r["status"] == 503 for r in records),
-        "failed": sum(r["status"] not in (200, 503) for r in records),
-        "late": sum(bool(r.get("late")) for r in records),
-        "duration_s": duration_s,
-        "throughput_rps": len(answered) / duration_s if duration_s > 0 else None,
-        "mean_latency_ms": latency["mean_ms"],
-        "p50_ms": latency["p50_ms"],
-        "p95_ms": latency["p95_ms"],
-        "p99_ms": latency["p99_ms"],
-        "accuracy": float(np.mean([r["correct"] for r in answered])) if answered else None,
-        "admission_rate": float(np.mean([bool(r["admitted"]) for r in answered])) if answered else None,
+        **request_figures(records),
         "energy_per_request_j": energy_j / len(records) if energy_j is not None and records else None,
         "energy_source": windows[-1]["energy_source"] if windows else "none",
         "co2_g_per_1k_requests": 1000 * sum(co2) / len(records) if co2 and records else None,
