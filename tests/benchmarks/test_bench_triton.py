@@ -3,8 +3,6 @@ batch-1 requests of the full model from 1 and from 16 concurrent clients. Each r
 REQUESTS_PER_ROUND requests; time per round is the inverse of throughput."""
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 
 import numpy as np
@@ -41,19 +39,11 @@ def gateway_path_a():
     gateway.stop()
 
 
-def _path_a(gateway, clients, rows):
-    host, port = gateway.host_port.rsplit(":", 1)
-    bodies = [json.dumps({"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                      "data": r.ravel().tolist()}]}) for r in rows]
-
-    def send(connection, body):
-        connection.request("POST", "/v2/models/digits/infer", body=body,
-                           headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        assert response.status == 200
-
-    return lambda: _in_threads(clients, lambda: http.client.HTTPConnection(host, int(port), timeout=30), send, bodies)
+def _path_a(gateway, clients, rows, http_helpers):
+    infer_body, GatewayConnection = http_helpers
+    bodies = [infer_body(r) for r in rows]
+    return lambda: _in_threads(clients, lambda: GatewayConnection(gateway),
+                               lambda connection, body: connection.infer(body), bodies)
 
 
 def _path_b(server, clients, rows):
@@ -67,42 +57,33 @@ def _path_b(server, clients, rows):
     return lambda: _in_threads(clients, lambda: triton_http.InferenceServerClient(server.url), send, rows)
 
 
-@pytest.mark.parametrize("clients", [1, 16])
-@pytest.mark.benchmark(group="path A vs path B")
-def test_path_a_round(benchmark, gateway_path_a, digits_eval, clients):
-    run = _path_a(gateway_path_a, clients, _rows(digits_eval))
+def _measure_rounds(benchmark, run) -> None:
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     if benchmark.stats is not None:
         benchmark.extra_info["throughput_rps"] = REQUESTS_PER_ROUND / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("clients", [1, 16])
+@pytest.mark.benchmark(group="path A vs path B")
+def test_path_a_round(benchmark, gateway_path_a, digits_eval, clients, http_helpers):
+    _measure_rounds(benchmark, _path_a(gateway_path_a, clients, _rows(digits_eval), http_helpers))
 
 
 @pytest.mark.parametrize("clients", [1, 16])
 @pytest.mark.benchmark(group="path A vs path B")
 def test_path_b_round(benchmark, triton_server, digits_eval, clients):
-    run = _path_b(triton_server, clients, _rows(digits_eval))
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    if benchmark.stats is not None:
-        benchmark.extra_info["throughput_rps"] = REQUESTS_PER_ROUND / benchmark.stats.stats.median
+    _measure_rounds(benchmark, _path_b(triton_server, clients, _rows(digits_eval)))
 
 
 BATCH = 16
 
 
 @pytest.mark.benchmark(group="batched request (16 rows)")
-def test_path_a_batched_request(benchmark, gateway_path_a, digits_eval):
-    host, port = gateway_path_a.host_port.rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    x = digits_eval[0][:BATCH]
-    body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.ravel().tolist()}]})
-
-    def call():
-        connection.request("POST", "/v2/models/digits/infer", body=body, headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        assert response.status == 200
-
-    benchmark(call)
+def test_path_a_batched_request(benchmark, gateway_path_a, digits_eval, http_helpers):
+    infer_body, GatewayConnection = http_helpers
+    connection = GatewayConnection(gateway_path_a)
+    body = infer_body(digits_eval[0][:BATCH])
+    benchmark(connection.infer, body)
     connection.close()
 
 
