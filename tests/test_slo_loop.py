@@ -63,3 +63,27 @@ def test_no_traffic_holds_the_state():
 def test_bad_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         SloLoop(**kwargs)
+
+
+def test_budget_policy_clamps_at_the_ceiling_and_refuses_what_it_cannot_certify():
+    import numpy as np
+
+    from targets.budget_policy import BudgetPolicy
+    from targets.certify import calibrate_budget
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    u = rng.uniform(0, 1, (n, 1))
+    labels = rng.integers(0, 2, n)
+    exits = np.where(rng.uniform(size=(n, 1)) < 0.3 * u, 1 - labels[:, None], labels[:, None])
+    calibration = calibrate_budget(u, exits, labels, labels, budget=0.02, delta=0.1)
+    policy = BudgetPolicy(calibration, slo_p95_ms=5.0)
+    assert 0 < policy.ceiling < 1
+    assert policy.leave_threshold(0.99) == policy.ceiling and policy.clamped == 1
+    assert policy.leave_threshold(policy.ceiling / 2) == policy.ceiling / 2
+    assert not policy.should_shed()
+    for _ in range(20):
+        policy.observe_p95(50.0)  # far above the SLO: up to the ceiling, then shedding
+    assert policy.loop.at_ceiling and sum(policy.should_shed() for _ in range(200)) > 100
+    with pytest.raises(ConfigError, match="smallest it can certify is 10.87 pp"):
+        BudgetPolicy(calibrate_budget(u[:20], exits[:20], labels[:20], labels[:20], budget=0.005, delta=0.1))
