@@ -240,9 +240,11 @@ def _run_serve(args) -> int:
     if profiler is not None and profiler.sources:
         feed = PeriodicEnergyFeed(profiler, controller, app.state.answered_requests, args.energy_window_s)
         feed.start()
+        app.state.energy_feed = feed  # the dashboard's energy, CO2 and their source labels
     energy = ", ".join(profiler.source_labels()) if feed is not None else "off"
     print(f"green-mlops gateway: model {spec.name} · controller {args.controller} · {backend.provider} · "
           f"energy {energy} · listening on http://{host}:{port}", flush=True)
+    print(f"green-mlops gateway: dashboard http://{host}:{port}/dashboard", flush=True)
     try:
         DrainingServer(config).run(sockets=[sock])
     finally:
