@@ -103,6 +103,12 @@ def run_validate(args) -> int:
     return 0
 
 
+def _print_dashboard_url(console: Console):
+    """Echo the locustfile's line naming the gateway it started and its live dashboard."""
+    return lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True) \
+        if "dashboard http" in line else None
+
+
 def _load_test(args, spec, config, results: Path, console: Console) -> dict:
     """Standard then bio under Locust with a congestion pattern, then the report over both."""
     from reports.render import print_report
@@ -115,7 +121,7 @@ def _load_test(args, spec, config, results: Path, console: Console) -> dict:
     for scenario in ("standard", "bio"):
         started = time.monotonic()
         with console.status(f"load test: {scenario} · {load.shape} · {load.run_time_s} s …"):
-            run_scenario(scenario, results / scenario, load)
+            run_scenario(scenario, results / scenario, load, on_line=_print_dashboard_url(console))
         console.print(f"load test {scenario}: done in {time.monotonic() - started:.0f} s", highlight=False)
     report = build_report(results, results)
     print_report(report, console)
