@@ -11,6 +11,11 @@
   byte and hands its status, answer body and the client's ``X-Green-MLOps-Label`` header (if any)
   to the live state. It never changes a request or an answer.
 
+With the gateway's Prometheus ``registry``, the same live figures are exported for Prometheus and
+Grafana (:class:`LiveCollector`): energy per request and cumulative energy and CO2, each with a
+``source`` label, the labelled rows and how many were answered right, and rows by exit depth.
+A figure that is not known has its family declared and no sample (never a 0 standing for "unknown").
+
 The energy feed is looked up at request time in ``app.state.energy_feed`` (set by ``serve`` when
 an energy source reads), so the page says "not known" rather than 0 when there is none.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from targets.live import HEADER_LENGTH, LABEL_HEADER, LiveState
 
@@ -78,6 +84,48 @@ class LiveMiddleware:
                 pass
 
 
+class LiveCollector:
+    """Prometheus families computed at scrape time from the live state and the energy feed."""
+
+    def __init__(self, live: LiveState, energy):
+        self.live, self.energy = live, energy
+
+    def describe(self):
+        return []  # families are declared at collect time; nothing to check at registration
+
+    def collect(self):
+        energy = self.energy() or {}
+        source = energy.get("energy_source") or "none"
+        per_request = GaugeMetricFamily("green_mlops_energy_per_request_joules",
+                                        "Energy per answered request over the latest window, by source "
+                                        "(measured: NVML/RAPL; estimated: CodeCarbon)", labels=["source"])
+        total = CounterMetricFamily("green_mlops_energy_joules", "Energy since the gateway started, by source",
+                                    labels=["source"])
+        co2 = CounterMetricFamily("green_mlops_co2_grams", "CO2 since the gateway started (CodeCarbon: estimated)",
+                                  labels=["source"])
+        if energy.get("last_j_per_request") is not None:
+            per_request.add_metric([source], energy["last_j_per_request"])
+        if energy.get("energy_j_total") is not None:
+            total.add_metric([source], energy["energy_j_total"])
+        if energy.get("co2_g_total") is not None:
+            co2.add_metric([energy.get("co2_source") or "estimated:codecarbon"], energy["co2_g_total"])
+        totals = self.live.totals()
+        labelled = CounterMetricFamily("green_mlops_labelled_rows",
+                                       f"Rows whose label the client sent ({LABEL_HEADER} header)")
+        labelled.add_metric([], totals["scored"])
+        correct = CounterMetricFamily("green_mlops_labelled_correct_rows",
+                                      "Labelled rows answered with the right class (rejections count as wrong)")
+        correct.add_metric([], totals["correct"])
+        depth = CounterMetricFamily("green_mlops_exit_depth_rows",
+                                    "Answered rows by the number of stages they ran (1: first exit)", labels=["depth"])
+        for key, value in totals["exit_depth_counts"].items():
+            depth.add_metric([key], value)
+        slo = GaugeMetricFamily("green_mlops_slo_seconds", "The latency objective the controller compares p95 with")
+        if self.live.slo_ms is not None:
+            slo.add_metric([], self.live.slo_ms / 1e3)
+        yield from (per_request, total, co2, labelled, correct, depth, slo)
+
+
 def reference_accuracy(spec) -> tuple[float, str] | None:
     """The full model's held-out accuracy recorded by the model's build (model.json), if any."""
     accuracy = ((spec.meta or {}).get("build") or {}).get("accuracy") or {}
@@ -87,8 +135,9 @@ def reference_accuracy(spec) -> tuple[float, str] | None:
     return None
 
 
-def install_dashboard(app: FastAPI, spec, controller, provider: str) -> LiveState:
-    """Add the dashboard's routes and middleware to a gateway ``app``; returns its live state."""
+def install_dashboard(app: FastAPI, spec, controller, provider: str, registry=None) -> LiveState:
+    """Add the dashboard's routes and middleware to a gateway ``app`` (and, given the gateway's
+    Prometheus ``registry``, the live figures to its ``/metrics``); returns its live state."""
 
     def energy():
         feed = getattr(app.state, "energy_feed", None)
@@ -102,6 +151,8 @@ def install_dashboard(app: FastAPI, spec, controller, provider: str) -> LiveStat
         reference_accuracy=reference_accuracy(spec),
     )
     app.state.live = live
+    if registry is not None:
+        registry.register(LiveCollector(live, energy))
     app.add_middleware(LiveMiddleware, live=live)
     page = (STATIC_DIR / "index.html").read_text()
 

@@ -248,5 +248,5 @@ def create_app(
             if served:
                 metrics.latency.labels(spec.name, action).observe(latency_s)
 
-    install_dashboard(app, spec, controller, target.provider)  # /dashboard, its state and static files
+    install_dashboard(app, spec, controller, target.provider, metrics.registry)  # /dashboard, its state and static files
     return app

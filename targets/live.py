@@ -378,6 +378,13 @@ class LiveState:
         self._last_point_s = now
 
     # --- output --------------------------------------------------------------------------------
+    def totals(self) -> dict:
+        """Counts since start: labelled rows, how many right, rows by exit depth."""
+        with self._lock:
+            t = self._totals
+            return {"scored": t.scored, "correct": t.correct,
+                    "exit_depth_counts": {str(k): v for k, v in sorted(t.depth_counts.items())}}
+
     def snapshot(self, since: int = 0) -> dict:
         """Everything the page shows: the points after ``since`` (a point's ``seq``), the current
         figures, the running verdict and the counterfactual."""
