@@ -104,9 +104,19 @@ class Row:
     predicted: int | None
 
 
-def parse_answer(body: bytes, header_length: str | None) -> tuple[list[Row], bool]:
+def _argmax_rows(data, binary: bytes, shape: list) -> list[int]:
+    if data is not None:  # JSON: a flat list; pure Python beats numpy on a few rows
+        n, c = shape
+        if len(data) != n * c:
+            raise ValueError("output data does not match its shape")
+        return [max(range(c), key=data[i * c : (i + 1) * c].__getitem__) for i in range(n)]
+    return [int(i) for i in np.frombuffer(binary, dtype=np.float32).reshape(shape).argmax(axis=1)]
+
+
+def parse_answer(body: bytes, header_length: str | None, predictions: bool = True) -> tuple[list[Row], bool]:
     """The rows of an infer answer's body (JSON or the binary extension) and whether the
-    controller rejected it. An answer that cannot be read gives no rows, never an exception."""
+    controller rejected it; the predicted classes only with ``predictions``. An answer that
+    cannot be read gives no rows, never an exception."""
     try:
         if header_length is not None:
             n = int(header_length)
@@ -119,23 +129,29 @@ def parse_answer(body: bytes, header_length: str | None) -> tuple[list[Row], boo
         return [], False
     parameters = document.get("parameters") or {}
     rejected = "error" in document and parameters.get("action") is not None
+    if not isinstance(parameters, dict):
+        return [], False
     predicted: list[int | None] = []
     outputs = document.get("outputs") or []
-    if outputs and isinstance(outputs[0], dict):
+    if predictions and outputs and isinstance(outputs[0], dict):
         shape = outputs[0].get("shape") or []
         if len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape):
-            data = outputs[0].get("data")
             try:
-                values = (np.asarray(data, dtype=np.float64) if data is not None
-                          else np.frombuffer(binary, dtype=np.float32))
-                predicted = [int(i) for i in values.reshape(shape).argmax(axis=1)]
+                predicted = _argmax_rows(outputs[0].get("data"), binary, shape)
             except (ValueError, TypeError):
                 predicted = []
-    n = len(predicted) or (len(str(parameters.get("action", "")).split(",")) if parameters else 0)
+    action = parameters.get("action")
+    n = len(predicted) or (len(action.split(",")) if isinstance(action, str) else 0)
     if n == 0:
         return [], rejected
     if not predicted:
         predicted = [None] * n
+    if n == 1 and not isinstance(parameters.get("exit", parameters.get("exit_index")), str):
+        exit_value = next((parameters[k] for k in EXIT_KEYS if k in parameters), None)
+        return [Row(action=action if isinstance(action, str) else None,
+                    admitted=_as_bool(parameters.get("admitted")), j=_as_float(parameters.get("j")),
+                    tau=_as_float(parameters.get("tau")), exit_index=_as_int(exit_value),
+                    predicted=predicted[0])], rejected
     exit_key = next((k for k in EXIT_KEYS if k in parameters), None)
     columns = {
         "action": _split(parameters.get("action"), n),
@@ -265,7 +281,8 @@ class LiveState:
     def observe(self, status: int, latency_ms: float, body: bytes = b"", header_length: str | None = None,
                 labels: str | None = None) -> None:
         """One infer request ended with ``status`` after ``latency_ms``; ``body`` is the answer."""
-        rows, rejected = parse_answer(body, header_length) if status in (200, 503) and body else ([], False)
+        rows, rejected = (parse_answer(body, header_length, predictions=labels is not None)
+                          if status in (200, 503) and body else ([], False))
         truth = None
         if labels is not None and rows:
             truth = [_as_int(v) for v in labels.split(",")]
