@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -200,3 +202,13 @@ def test_dockerfile_copies_what_exists_and_runs_the_cli():
                 assert (root / source).exists(), source
     assert 'ENTRYPOINT ["green-mlops"]' in text
     assert (DEPLOY / "Dockerfile.dockerignore").is_file()
+
+
+def test_compose_file_is_valid_against_the_compose_specification(tmp_path):
+    """The Compose Specification's JSON schema (vendored by check-jsonschema): no Docker needed."""
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+    done = subprocess.run([*command, str(DEPLOY / "docker-compose.yml")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text((DEPLOY / "docker-compose.yml").read_text().replace("    shm_size: 1g", "    shm_sise: 1g"))
+    assert subprocess.run([*command, str(broken)], capture_output=True, timeout=120).returncode == 1
