@@ -10,6 +10,8 @@
   (1/0), per-run and per-phase latency (p50/p95/p99, mean), throughput, admission, accuracy, energy
   and CO2. An energy or CO2 figure's name ends with its kind, ``.measured`` or ``.estimated``, and
   its full source label is a tag (``…energy_source``), so an estimate never reads as a measurement;
+  and, per load run, histories per second (``load.runs.bio.per_second.p95_ms`` at step = second):
+  requests and answers per second, rejected rate, p50/p95, admission rate, accuracy;
 * **tags**: sources, claim statuses, validity and its reasons;
 * **artifacts**: the whole results directory: report (HTML, Markdown, ``summary.json``), plots,
   ``validate.json``, the controller's TOML, and every run's records (``requests.jsonl``, ``run.json``,
@@ -136,6 +138,52 @@ def flatten(document: dict, prefix: str = "") -> tuple[dict[str, float], dict[st
     return metrics, params, tags
 
 
+def per_second(records: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
+    """Each load run's figures per whole second since its first intended send, as MLflow metric
+    histories: ``name -> [(step, unix time s, value)]``. Seconds with no request are left out;
+    latency and admission only count served requests (answered or rejected by the controller)."""
+    timed = [r for r in records if isinstance(r.get("t_intended"), (int, float))]
+    if not timed:
+        return {}
+    start = min(r["t_intended"] for r in timed)
+    seconds: dict[int, list[dict]] = {}
+    for r in timed:
+        seconds.setdefault(int(r["t_intended"] - start), []).append(r)
+    series: dict[str, list[tuple[int, float, float]]] = {}
+
+    def add(name, step, value):
+        if value is not None and math.isfinite(value):
+            series.setdefault(name, []).append((step, start + step, float(value)))
+
+    for step in sorted(seconds):
+        rows = seconds[step]
+        served = [r for r in rows if r.get("status") in (200, 503)]
+        answered = [r for r in rows if r.get("status") == 200]
+        add("requests_per_s", step, len(rows))
+        add("answered_per_s", step, len(answered))
+        add("rejected_rate", step, sum(r.get("status") == 503 for r in served) / len(served) if served else None)
+        latencies = [r["latency_ms"] for r in served if isinstance(r.get("latency_ms"), (int, float))]
+        if latencies:
+            ordered = sorted(latencies)
+            add("p50_ms", step, ordered[(len(ordered) - 1) // 2])
+            add("p95_ms", step, ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)])
+        add("admission_rate", step, sum(bool(r.get("admitted")) for r in served) / len(served) if served else None)
+        add("accuracy", step, sum(bool(r.get("correct")) for r in rows) / len(rows))
+    return series
+
+
+def run_histories(results: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Per-second histories of every recorded run under ``results`` (``load.runs.NAME.per_second.…``)."""
+    from reports.runs import find_runs
+
+    try:
+        runs = find_runs(results)
+    except GreenMLOpsError:
+        return {}
+    return {_key("load.runs", run.name, "per_second", name): values
+            for run in runs for name, values in per_second(run.records).items()}
+
+
 def validate_documents(validate_doc: dict, summary_doc: dict | None, load: dict) -> tuple[dict, dict, dict]:
     """Params, metrics and tags of a ``validate`` run: the in-process ablation (``ablation.``),
     the load test's report (``load.``) and the load's settings."""
@@ -162,9 +210,10 @@ def report_documents(summary_doc: dict) -> tuple[dict, dict, dict]:
 
 
 def log_run(uri: str | None, experiment: str, run_name: str, params: dict, metrics: dict, tags: dict,
-            artifacts: dict[str, Path]) -> tuple[str, str]:
+            artifacts: dict[str, Path], histories: dict | None = None) -> tuple[str, str]:
     """Log one MLflow run; ``artifacts`` maps an artifact folder ('' for the root) to a local file
-    or directory. Returns ``(tracking URI, run id)``; GreenMLOpsError when MLflow fails."""
+    or directory; ``histories`` maps a metric to its ``(step, unix s, value)`` series. Returns
+    ``(tracking URI, run id)``; GreenMLOpsError when MLflow fails."""
     require_mlflow()
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
@@ -181,6 +230,8 @@ def log_run(uri: str | None, experiment: str, run_name: str, params: dict, metri
         run_id = run.info.run_id
         now_ms = int(time.time() * 1000)
         metric_items = [Metric(k, v, now_ms, 0) for k, v in sorted(metrics.items())]
+        metric_items += [Metric(k, value, int(t_s * 1000), step) for k, values in sorted((histories or {}).items())
+                         for step, t_s, value in values]
         param_items = [Param(k, v) for k, v in sorted(params.items())]
         for start in range(0, max(len(metric_items), len(param_items)), BATCH):
             client.log_batch(run_id, metrics=metric_items[start : start + BATCH],
@@ -204,7 +255,7 @@ def log_validate(uri: str | None, experiment: str, results: Path, validate_doc: 
     summary_doc = json.loads(summary_path.read_text()) if summary_path.exists() else None
     params, metrics, tags = validate_documents(validate_doc, summary_doc, load)
     name = f"validate {validate_doc.get('model')} {results.name}"
-    return log_run(uri, experiment, name, params, metrics, tags, {"": results})
+    return log_run(uri, experiment, name, params, metrics, tags, {"": results}, run_histories(results))
 
 
 def log_report(uri: str | None, experiment: str, results: Path, out: Path, summary_doc: dict) -> tuple[str, str]:
@@ -213,4 +264,5 @@ def log_report(uri: str | None, experiment: str, results: Path, out: Path, summa
     artifacts = {"": out}
     if results.resolve() != out.resolve():
         artifacts["records"] = results
-    return log_run(uri, experiment, f"report {results.name}", params, metrics, tags, artifacts)
+    return log_run(uri, experiment, f"report {results.name}", params, metrics, tags, artifacts,
+                   run_histories(results))

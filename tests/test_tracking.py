@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.tracking import flatten, log_run, resolve_uri, validate_documents
+from reports.tracking import flatten, log_run, per_second, resolve_uri, validate_documents
 from targets.errors import GreenMLOpsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +72,22 @@ def test_flatten_names_energy_by_its_kind_and_keeps_every_claim_and_phase():
     assert params["load.runs.bio.conditions.versions.python"] == "3.11" and params["load.model"] == "digits"
 
 
+def test_per_second_histories_recover_planted_seconds():
+    records = []
+    for second, (n, rejected) in enumerate([(10, 0), (20, 5), (0, 0), (4, 4)]):
+        for i in range(n):
+            records.append({"t_intended": 1000.0 + second + i / (n + 1), "status": 503 if i < rejected else 200,
+                            "latency_ms": float(i + 1), "admitted": i % 2 == 0 and i >= rejected,
+                            "correct": i >= rejected})
+    series = per_second(records)
+    assert [(step, value) for step, _, value in series["requests_per_s"]] == [(0, 10), (1, 20), (3, 4)]
+    assert [value for _, _, value in series["rejected_rate"]] == [0.0, 0.25, 1.0]
+    assert series["p95_ms"][0][2] == 10.0 and series["p50_ms"][0][2] == 5.0  # nearest rank over 1..10 ms
+    assert series["accuracy"][1][2] == 15 / 20
+    assert series["requests_per_s"][2][1] == 1003.0  # the second's unix time
+    assert per_second([]) == {}
+
+
 def test_validate_documents_take_the_load_settings():
     params, metrics, tags = validate_documents({"model": "digits", "provider": "cpu", "admission_rate": 0.1}, None,
                                                {"shape": "spike", "users": 4, "arrival_rate_rps": None})
@@ -130,7 +146,11 @@ def test_validate_then_report_logged_to_mlflow_and_read_back(tmp_path):
         assert tags["load.runs.bio.energy_source"] == bio["energy_source"]
     if bio["co2_g_per_1k_requests"] is not None:
         assert any(k.startswith("load.runs.bio.co2_g_per_1k_requests.") for k in metrics)
+    # per-second histories of each load run
+    history = client.get_metric_history(run.info.run_id, "load.runs.bio.per_second.p95_ms")
+    assert len(history) >= 4 and [m.step for m in history] == sorted(m.step for m in history)
     # artifacts: report, plots, records
+
     artifacts = artifact_paths(client, run.info.run_id)
     assert {"report.html", "report.md", "summary.json", "validate.json", "controller.toml",
             "latency_cdf.png", "bio/requests.jsonl", "bio/run.json", "standard/requests.jsonl"} <= artifacts
