@@ -183,6 +183,17 @@ def exit_depth(row: Row, n_stages: int) -> int | None:
     return None
 
 
+def policy_name(state: dict | None) -> str | None:
+    """The policy a controller state names: ``policy`` as a string, or as a dict's ``policy``
+    (a policy's own state); ``paper`` when the state names none (today's τ(t) controller)."""
+    if state is None:
+        return None
+    policy = state.get("policy", PAPER_POLICY)
+    if isinstance(policy, dict):
+        policy = policy.get("policy", policy.get("name"))
+    return policy if isinstance(policy, str) else PAPER_POLICY
+
+
 def paper_tau(config: dict, elapsed_s: float) -> float | list[float] | None:
     """The paper's τ(t) = τ∞ + (τ0 − τ∞)·e^(−k·t) from a controller config (per exit when τ∞ or
     τ0 are lists); None when the config lacks a parameter."""
@@ -231,6 +242,7 @@ class _Totals:
     cf_rows: int = 0
     cf_more_admitted: int = 0
     cf_fewer_admitted: int = 0
+    cf_shed: int = 0
 
 
 class LiveState:
@@ -320,7 +332,7 @@ class LiveState:
         state = state or {}
         n_stages = state["n_stages"] if isinstance(state.get("n_stages"), int) else 2
         tau_then = None
-        if state.get("policy") not in (None, PAPER_POLICY):
+        if state and policy_name(state) != PAPER_POLICY:
             # the controller's clock now: its t at the last point plus the time since
             elapsed = float(state.get("t_s", 0.0)) + (now - self._state_at_s)
             tau_then = paper_tau(state.get("config") or {}, elapsed)
@@ -339,6 +351,8 @@ class LiveState:
                 t.scored += 1
                 # A rejected row got no answer: scored as wrong, as the report does.
                 t.correct += status == 200 and row.predicted is not None and row.predicted == truth[i]
+            if tau_then is not None and row.j is None and row.action == "reject" and status == 503:
+                t.cf_shed += 1  # shed before any decision: the paper's controller never sheds
             if tau_then is not None and row.j is not None and row.admitted is not None:
                 threshold = (tau_then[min(row.exit_index or 0, len(tau_then) - 1)]
                              if isinstance(tau_then, list) else tau_then)
@@ -425,7 +439,7 @@ class LiveState:
         return {
             "model": self.model, "provider": self.provider,
             "controller": "off" if self._controller_state is None else "bio",
-            "policy": (state or {}).get("policy", PAPER_POLICY) if state is not None else None,
+            "policy": policy_name(state),
             "started_at": self._started_s, "now": self._clock(),
             "interval_s": self.interval_s, "window_s": self.window_s, "slo_ms": self.slo_ms,
             "controller_state": _jsonable(state),
@@ -494,7 +508,7 @@ class LiveState:
     def _counterfactual(state: dict | None, t: _Totals) -> dict:
         if state is None:
             return {"known": False, "reason": "controller off: every request runs the full model"}
-        policy = state.get("policy", PAPER_POLICY)
+        policy = policy_name(state)
         if isinstance(state.get("counterfactual"), dict):  # a controller that computes its own
             return {"known": True, **state["counterfactual"]}
         if policy == PAPER_POLICY:
@@ -504,9 +518,10 @@ class LiveState:
                               "not known"}
         if t.cf_rows == 0:
             return {"known": False, "policy": policy, "other": PAPER_POLICY,
-                    "reason": "no decision with its J value yet"}
+                    "reason": "no decision with its J value yet (answers carry J in their parameters)"}
         return {"known": True, "policy": policy, "other": PAPER_POLICY, "rows": t.cf_rows,
                 "more_admitted": t.cf_more_admitted, "fewer_admitted": t.cf_fewer_admitted,
+                "shed": t.cf_shed,
                 "differ_rate": (t.cf_more_admitted + t.cf_fewer_admitted) / t.cf_rows,
                 "basis": "the paper's τ(t) = τ∞ + (τ0 − τ∞)·e^(−k·t) from this controller's config, "
                          "applied to the J value of each decision (t taken when its answer left)"}

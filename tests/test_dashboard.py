@@ -148,6 +148,16 @@ def test_the_counterfactual_recovers_planted_decisions_of_the_paper_formula(cloc
     assert counterfactual["rows"] == 7
     assert counterfactual["more_admitted"] == 3  # 0.9, 1.2, 1.6
     assert counterfactual["fewer_admitted"] == 0
+    state.observe(503, 1.0, json.dumps({"error": "shed", "parameters": {"action": "reject"}}).encode())
+    assert state.snapshot()["counterfactual"]["shed"] == 1  # the paper's controller never sheds
+    # A policy's own state as a dict names the policy too.
+    nested = LiveState("digits", "cpu", controller_state=lambda: {"t_s": 0.0, "tau": 0.7,
+                                                                   "policy": {"policy": "budget", "ceiling": 0.3},
+                                                                   "config": {"tau0": 1.75, "tau_inf": 0.7,
+                                                                              "k_per_s": 1.0}}, clock=clock)
+    nested.observe(200, 1.0, *answer(["exit"], [1], j=[1.0]))
+    snapshot = nested.snapshot()
+    assert snapshot["policy"] == "budget" and snapshot["counterfactual"]["more_admitted"] == 1
     # Under the paper's own policy, the other policy's thresholds are not derivable: not known.
     paper = LiveState("digits", "cpu", controller_state=controller_state(), clock=clock)
     paper.observe(200, 1.0, *answer(["full"], [1]))

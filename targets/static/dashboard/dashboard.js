@@ -134,7 +134,8 @@
     const c = s.counterfactual || {};
     $("counterfactual").textContent = c.known
       ? `Under ${c.other}: of ${c.rows} decisions, ${c.more_admitted} more admitted and ${c.fewer_admitted} fewer ` +
-        `(${pct(c.differ_rate)} differ). ${c.basis || ""}`
+        `(${pct(c.differ_rate)} differ)` + (c.shed ? `; it would also have decided the ${c.shed} requests shed here` : "") +
+        `. ${c.basis || ""}`
       : `Not known: ${c.reason}`;
   }
 
