@@ -123,8 +123,10 @@ def _log_mlflow(args, results: Path, summary: dict, console: Console) -> None:
 
 def _print_dashboard_url(console: Console):
     """Echo the locustfile's line naming the gateway it started and its live dashboard."""
-    return lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True) \
-        if "dashboard http" in line else None
+    def echo(line: str) -> None:
+        if "dashboard http" in line:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return echo
 
 
 def _load_test(args, spec, config, results: Path, console: Console) -> dict:

@@ -216,6 +216,23 @@ def test_gateway_serves_the_page_its_files_and_live_state(start_gateway, digits_
     assert state["energy"]["energy_source"] == "none"  # started with --energy off: never a 0 J figure
 
 
+def test_serve_then_locust_host_shows_live_figures(start_gateway, tmp_path):
+    """The README's flow: a running gateway, `locust -f loadtests/bio.py --host URL`; every request
+    the locustfile records is on the dashboard, labelled, so the running accuracy is known."""
+    import sys
+
+    gateway = start_gateway("--controller", "bio")
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "locust", "-f", str(root / "loadtests" / "bio.py"), "--headless",
+                    "--host", gateway.url, "-u", "2", "-t", "3", "--energy", "off", "--results", str(tmp_path / "bio")],
+                   cwd=root, check=True, capture_output=True, timeout=120)
+    records = [json.loads(line) for line in (tmp_path / "bio" / "requests.jsonl").read_text().splitlines()]
+    state = httpx.get(f"{gateway.url}/dashboard/state").json()
+    assert state["totals"]["requests"] == state["totals"]["scored"] == len(records) > 0
+    assert state["totals"]["correct"] == sum(r["correct"] for r in records)  # the same scoring as the report
+    assert state["points"] and any(p["rps"] > 0 for p in state["points"])
+
+
 # --- the page in a real browser ------------------------------------------------------------------------
 class DevTools:
     """A minimal Chrome DevTools protocol client over one page's websocket."""
