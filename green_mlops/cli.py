@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from targets.errors import GreenMLOpsError
 
@@ -30,6 +31,16 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip-action", dest="skip_action", choices=("exit", "cache", "reject"))
     group.add_argument("--capacity", type=int, help="in-flight requests counted as full congestion, default 8")
     group.add_argument("--slo-ms", type=float, dest="slo_ms", help="latency objective for ĉ, default 100")
+
+
+def _add_mlflow_flags(parser: argparse.ArgumentParser) -> None:
+    from reports.tracking import DEFAULT_EXPERIMENT, DEFAULT_URI
+
+    group = parser.add_argument_group("experiment tracking (optional extra: green-mlops[mlflow])")
+    group.add_argument("--mlflow", nargs="?", const=DEFAULT_URI, metavar="URI",
+                       help=f"log the run to MLflow: params, metrics, report, plots, records "
+                            f"(URI default {DEFAULT_URI}, a local file store; or sqlite:///…, http://…)")
+    group.add_argument("--mlflow-experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
 
 
 def _add_energy_flags(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="open loop at this many requests/s (default: closed loop)")
     _add_energy_flags(validate)
     _add_controller_flags(validate)
+    _add_mlflow_flags(validate)
 
     serve = commands.add_parser("serve", help="the gateway: controlled inference over KServe v2 HTTP")
     serve.add_argument("--model", default="digits", help="embedded model name or model directory")
@@ -163,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="exit 1 unless the report is VALID, every claim held and nothing regressed")
     report.add_argument("--min-duration-s", type=float, default=10.0, help="validity: minimum seconds per run")
     report.add_argument("--min-requests", type=int, default=500, help="validity: minimum answered requests per run")
+    _add_mlflow_flags(report)
 
     models = commands.add_parser("models", help="build the embedded models")
     model_commands = models.add_subparsers(dest="models_command", required=True)
@@ -240,9 +253,11 @@ def _run_serve(args) -> int:
     if profiler is not None and profiler.sources:
         feed = PeriodicEnergyFeed(profiler, controller, app.state.answered_requests, args.energy_window_s)
         feed.start()
+        app.state.energy_feed = feed  # the dashboard's energy, CO2 and their source labels
     energy = ", ".join(profiler.source_labels()) if feed is not None else "off"
     print(f"green-mlops gateway: model {spec.name} · controller {args.controller} · {backend.provider} · "
           f"energy {energy} · listening on http://{host}:{port}", flush=True)
+    print(f"green-mlops gateway: dashboard http://{host}:{port}/dashboard", flush=True)
     try:
         DrainingServer(config).run(sockets=[sock])
     finally:
@@ -259,9 +274,19 @@ def _run_report(args) -> int:
     from reports.render import print_report
 
     out = args.out or args.results
+    if args.mlflow:
+        from reports.tracking import require_mlflow
+
+        require_mlflow()  # before the work, not after it
     summary = build_report(args.results, out, args.baseline, args.min_duration_s, args.min_requests)
     print_report(summary)
     Console().print(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}", soft_wrap=True)
+    if args.mlflow:
+        from reports.tracking import log_report
+
+        uri, run_id = log_report(args.mlflow, args.mlflow_experiment, args.results, out, summary)
+        Console().print(f"MLflow: run {run_id} in {uri} (experiment {args.mlflow_experiment})",
+                        soft_wrap=True, highlight=False, markup=False)
     failures = gate_failures(summary)
     if args.gate and failures:
         stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False)
@@ -350,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except GreenMLOpsError as exc:
-        stderr.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         stderr.print("interrupted")

@@ -28,6 +28,7 @@ from loadtests.runner import LoadSpec, run_scenario
 from profilers.profiler import Sampler
 from reports.ablation import print_summary, print_sweep, summarise
 from reports.build import build_report, gate_failures
+from reports.tracking import log_validate, require_mlflow
 from targets.errors import GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
 
@@ -48,6 +49,8 @@ def _write_json(path: Path, document: dict) -> None:
 
 
 def run_validate(args) -> int:
+    if args.mlflow:
+        require_mlflow()  # before the run: a missing extra must not cost a whole validation
     spec = resolve_model(args.model)
     config = controller_config(args, spec)
     backend = OnnxRuntimeTarget(spec, device=args.device)
@@ -97,10 +100,33 @@ def run_validate(args) -> int:
     for path in filter(None, (args.json_path, results / "validate.json")):
         _write_json(path, summary)
         console.print(f"figures written to {path}", highlight=False)
+    if args.mlflow:
+        _log_mlflow(args, results, summary, console)
     if args.gate and failures:
         stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False)
         return EXIT_GATE
     return 0
+
+
+def _log_mlflow(args, results: Path, summary: dict, console: Console) -> None:
+    load = {"requests": args.requests, "warmup": args.warmup, "device": args.device, "energy": args.energy,
+            "country": args.country, "no_load": args.no_load, "shape": args.load_shape, "users": args.load_users,
+            "phase_s": args.load_phase_s, "run_time_s": args.load_s, "arrival_rate_rps": args.load_arrival_rate}
+    try:
+        uri, run_id = log_validate(args.mlflow, args.mlflow_experiment, results, summary, load)
+    except GreenMLOpsError as exc:
+        raise GreenMLOpsError(f"{exc}; the results are kept in {results}: log them later with "
+                              f"'green-mlops report {results} --mlflow {args.mlflow}'") from exc
+    console.print(f"MLflow: run {run_id} in {uri} (experiment {args.mlflow_experiment})",
+                  highlight=False, markup=False, soft_wrap=True)
+
+
+def _print_dashboard_url(console: Console):
+    """Echo the locustfile's line naming the gateway it started and its live dashboard."""
+    def echo(line: str) -> None:
+        if "dashboard http" in line:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return echo
 
 
 def _load_test(args, spec, config, results: Path, console: Console) -> dict:
@@ -115,7 +141,7 @@ def _load_test(args, spec, config, results: Path, console: Console) -> dict:
     for scenario in ("standard", "bio"):
         started = time.monotonic()
         with console.status(f"load test: {scenario} · {load.shape} · {load.run_time_s} s …"):
-            run_scenario(scenario, results / scenario, load)
+            run_scenario(scenario, results / scenario, load, on_line=_print_dashboard_url(console))
         console.print(f"load test {scenario}: done in {time.monotonic() - started:.0f} s", highlight=False)
     report = build_report(results, results)
     print_report(report, console)

@@ -25,6 +25,7 @@ class GatewayProcess:
             raise RuntimeError(f"gateway did not start: {line}{self.process.stderr.read()}")
         self.url = line.rsplit("listening on ", 1)[1].strip()
         self.host_port = self.url.removeprefix("http://")
+        self.dashboard_url = f"{self.url}/dashboard"
 
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.process.poll() is None:

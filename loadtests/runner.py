@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from targets.errors import GreenMLOpsError
 
@@ -35,8 +37,12 @@ def locustfile(scenario: str) -> Path:
     return Path(__file__).resolve().parent / f"{scenario}.py"
 
 
-def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None = None) -> Path:
-    """Run ``scenario`` into ``results``; returns ``results``. GreenMLOpsError if Locust fails."""
+def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None = None,
+                 on_line: Callable[[str], None] | None = None) -> Path:
+    """Run ``scenario`` into ``results``; returns ``results``. GreenMLOpsError if Locust fails.
+
+    ``on_line`` receives each line Locust writes to stderr as it comes (e.g. the gateway's and
+    its dashboard's URL, printed by the locustfile when it starts the gateway)."""
     command = [sys.executable, "-m", "locust", "-f", str(locustfile(scenario)), "--headless",
                "--shape", spec.shape, "--base-users", str(spec.base_users), "--phase-s", str(spec.phase_s),
                "-t", str(spec.run_time_s), "--model", spec.model, "--energy", spec.energy,
@@ -47,12 +53,29 @@ def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None 
         command += ["--controller-config", str(spec.controller_config)]
     if host:
         command += ["--host", host]
+    timeout_s = spec.run_time_s + STARTUP_ALLOWANCE_S
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read_stderr():  # line by line, so the caller sees e.g. the dashboard URL while it runs
+        for line in process.stderr:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read_stderr, name=f"locust-{scenario}-stderr", daemon=True)
+    reader.start()
     try:
-        done = subprocess.run(command, capture_output=True, text=True,
-                              timeout=spec.run_time_s + STARTUP_ALLOWANCE_S)
+        code = process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
-        raise GreenMLOpsError(f"the {scenario} load test did not finish within "
-                              f"{spec.run_time_s + STARTUP_ALLOWANCE_S:.0f} s") from exc
-    if done.returncode != 0 or not (results / "requests.jsonl").exists():
-        raise GreenMLOpsError(f"the {scenario} load test failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        process.kill()
+        process.wait()
+        raise GreenMLOpsError(f"the {scenario} load test did not finish within {timeout_s:.0f} s") from exc
+    finally:
+        if process.poll() is None:  # interrupted: the child dies with us
+            process.kill()
+            process.wait()
+        reader.join(timeout=5)
+    if code != 0 or not (results / "requests.jsonl").exists():
+        raise GreenMLOpsError(f"the {scenario} load test failed (exit {code}):\n{''.join(lines)[-2000:]}")
     return results

@@ -3,7 +3,9 @@
 * With no ``--host`` the locustfile starts the gateway itself (``green-mlops serve`` on an
   ephemeral loopback port, controller on for bio, off for standard) and stops it at the end.
   ``--backend triton --host URL`` drives a Triton server directly (its ``<model>_full``).
-* Users send rows of the model's labelled evaluation set, so every answer is scored.
+* Users send rows of the model's labelled evaluation set, so every answer is scored; each request
+  carries its row's label in the ``X-Green-MLOps-Label`` header, so the gateway's live dashboard
+  can show the running accuracy (the controller never reads it).
 * ``--shape`` picks a congestion pattern (:mod:`loadtests.shapes`); ``--arrival-rate R`` switches
   to open loop: Poisson arrivals at R requests/s (scaled by the shape), each sent on schedule in
   its own greenlet whether or not earlier ones returned, latency measured from the intended send
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +33,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from loadtests.records import RUN_FILE, RecordWriter
 from reports.records import phase_summary, read_records
 from loadtests.shapes import SHAPES, Shape, ShapeParams
+from targets.live import LABEL_HEADER
 
 RECORDS_MESSAGE = "green_mlops_records"
 SHIP_EVERY_S = 0.2
@@ -125,6 +129,8 @@ def _init(environment, **_):
         RUN.gateway = GatewayProcess("--model", options.model,
                                      "--controller", "bio" if RUN.scenario == "bio" else "off", *extra)
         environment.host = RUN.gateway.url
+        print(f"green-mlops: {RUN.scenario} gateway at {RUN.gateway.url} · dashboard {RUN.gateway.dashboard_url}",
+              file=sys.stderr, flush=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     RUN.results_dir = Path(options.results or f"results/{stamp}-{RUN.scenario}")
     RUN.writer = RecordWriter(RUN.results_dir)
@@ -319,7 +325,8 @@ class _InferUser(FastHttpUser):
         sent_s = time.time()
         started = time.perf_counter()
         with self.client.post(self.path, data=self.bodies[index], name="infer", catch_response=True,
-                              headers={"Content-Type": "application/json"}) as response:
+                              headers={"Content-Type": "application/json",
+                                       LABEL_HEADER: str(self.labels[index])}) as response:
             service_ms = (time.perf_counter() - started) * 1e3
             status = response.status_code or 0
             if status in (200, 503):

@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
 ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``,
-``GET /v2/controller`` and ``GET /metrics`` (Prometheus).
+``GET /v2/controller``, ``GET /metrics`` (Prometheus) and ``GET /dashboard`` (live page, see
+:mod:`targets.dashboard`).
 
 Inference runs in a thread pool of ``max_concurrency`` workers, off the event loop. A request
 counts as in flight from arrival to answer (queued or running): that count and the recent p95 of
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from targets.controlled import ControlledTarget, EarlyExitBackend, Outcome
 from targets.controller import ACTION_REJECT, BioController
+from targets.dashboard import install_dashboard
 from targets.errors import BackendError, InputError
 from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
 from targets.model_dir import ModelSpec
@@ -246,4 +248,5 @@ def create_app(
             if served:
                 metrics.latency.labels(spec.name, action).observe(latency_s)
 
+    install_dashboard(app, spec, controller, target.provider, metrics.registry)  # /dashboard, its state and static files
     return app
