@@ -319,7 +319,7 @@ PAGE_FIGURES = """(() => {
 })()"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium is not installed")
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium is not installed: sudo apt-get install chromium (bash tests/run does it where it can)")
 def test_dashboard_draws_and_moves_in_headless_chromium(start_gateway, browser, digits_eval):
     energy = os.environ.get("GREEN_MLOPS_DASHBOARD_ENERGY", "off")  # "auto" for the README's screenshot
     gateway = start_gateway("--controller", "bio", "--energy", energy)
