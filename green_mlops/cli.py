@@ -83,6 +83,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="green-mlops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                        help="larger request bodies get 413 (default 1 MiB)")
     serve.add_argument("--max-batch", type=_positive_int, default=256)
+    serve.add_argument("--body-timeout-s", type=_positive_float, default=10.0,
+                       help="a request body must arrive within this many seconds (else 408), default 10")
+    serve.add_argument("--max-queue", type=_positive_int, default=256,
+                       help="requests queued or running in the workers; beyond that 503 with Retry-After")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
     serve.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
@@ -219,7 +230,8 @@ def _run_serve(args) -> int:
             _poll_triton_congestion(triton, controller)
     profiler = open_energy(args, make_results_dir(args.results))
     settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
-                               max_batch=args.max_batch)
+                               max_batch=args.max_batch, body_timeout_s=args.body_timeout_s,
+                               max_queue=args.max_queue)
     app = create_app(spec, backend, controller, settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
