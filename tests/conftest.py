@@ -127,9 +127,10 @@ class FakeTriton:
 
     MODES = ("error", "garbage", "no_outputs", "reset")
 
-    def __init__(self, max_batch_size: int = 8, mode: str = "cycle"):
+    def __init__(self, max_batch_size: int = 8, mode: str = "cycle", hang_s: float = 30.0):
         import json
         import threading
+        import time
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         fake = self
@@ -165,7 +166,10 @@ class FakeTriton:
                 with fake._lock:
                     n, fake.infers = fake.infers, fake.infers + 1
                 mode = fake.MODES[n % len(fake.MODES)] if fake.mode == "cycle" else fake.mode
-                if mode == "error":
+                if mode == "hang":
+                    time.sleep(hang_s)
+                    self._send(500, b'{"error":"too late"}')
+                elif mode == "error":
                     self._send(500, b'{"error":"injected fault: model crashed"}')
                 elif mode == "garbage":
                     self._send(200, b"\x00not json at all\xff")
