@@ -206,6 +206,67 @@ def test_hostile_bodies_never_get_a_5xx(bio_client, body_and_header):
         assert isinstance(document["error"], str) and document["error"]
 
 
+# Every part of a request, not only its input: a valid request with one to three of its parts
+# replaced by hostile values, so that each part (inputs, outputs, parameters, id) is reached and
+# checked; plus hostile headers and paths.
+def valid_request() -> dict:
+    return {"id": "r-1",
+            "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64,
+                        "parameters": {}}],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
+            "parameters": {"binary_data_output": False}}
+
+
+REQUEST_PARTS = (("id",), ("inputs",), ("inputs", 0), ("inputs", 0, "name"), ("inputs", 0, "shape"),
+                 ("inputs", 0, "datatype"), ("inputs", 0, "data"), ("inputs", 0, "parameters"),
+                 ("inputs", 0, "parameters", "binary_data_size"), ("outputs",), ("outputs", 0),
+                 ("outputs", 0, "name"), ("outputs", 0, "parameters"), ("outputs", 0, "parameters", "binary_data"),
+                 ("parameters",), ("parameters", "binary_data_output"), ("parameters", "priority"))
+
+
+def replaced(document: dict, changes) -> dict:
+    """``document`` with the value at each path replaced (a path no longer there is skipped)."""
+
+    def holds(parent, key) -> bool:
+        return (isinstance(parent, dict) and isinstance(key, str)) or (
+            isinstance(parent, list) and isinstance(key, int) and key < len(parent))
+
+    for path, value in changes:
+        parent = document
+        for key in path[:-1]:
+            if not holds(parent, key) or (isinstance(parent, dict) and key not in parent):
+                break
+            parent = parent[key]
+        else:
+            if holds(parent, path[-1]):
+                parent[path[-1]] = value
+    return document
+
+
+hostile_part = st.one_of(json_values, st.sampled_from(["probabilities", "x", "FP32", "BYTES"]),
+                         st.lists(st.integers(-2, 70), max_size=5))
+whole_request = st.lists(st.tuples(st.sampled_from(REQUEST_PARTS), hostile_part), min_size=1, max_size=3).map(
+    lambda changes: replaced(valid_request(), changes))
+header_value = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12).map(str.strip)
+hostile_headers = st.dictionaries(
+    st.sampled_from(["Inference-Header-Content-Length", "Content-Type", "Content-Encoding", "Accept",
+                     "Expect", "Connection", "X-Request-Id"]),
+    header_value | st.integers(-5, 10**6).map(str), max_size=3)
+hostile_path = st.one_of(st.just("/v2/models/digits/infer"),
+                         st.text(st.characters(min_codepoint=48, max_codepoint=122), min_size=1, max_size=6)
+                         .map(lambda v: f"/v2/models/digits/versions/{v}/infer"))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(whole_request, hostile_headers, hostile_path)
+def test_hostile_requests_never_get_a_5xx_in_any_part(bio_client, document, headers, path):
+    body = json.dumps(document).encode()
+    response = bio_client.post(path, content=body, headers=headers)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert isinstance(response.json()["error"], str) and response.json()["error"]
+
+
 def test_server_survives_the_hostile_bodies(gateway_bio, digits_eval):
     response = httpx.post(f"{gateway_bio.url}/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]))
     assert response.status_code == 200
