@@ -4,9 +4,10 @@
 to send the child a signal when its parent goes, however it goes. A ``finally`` that stops the
 child covers every orderly exit; this covers the rest (SIGKILL, a crash, an OOM kill).
 
-Caveat of the kernel's contract: the signal fires when the *thread* that started the child ends,
-so start children from a thread that lives as long as they should (the main thread, or a gevent
-greenlet, which runs on it). Elsewhere than Linux ``die_with_parent()`` returns None.
+Caveat of the kernel's contract: the signal fires when the *thread* that started the child ends.
+So the request is made only from the main thread (gevent greenlets run on it too); a child started
+from another thread, or elsewhere than Linux, relies on its ``finally`` alone
+(``die_with_parent()`` returns None there).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import ctypes.util
 import os
 import signal
 import sys
+import threading
 
 PR_SET_PDEATHSIG = 1
 
@@ -27,8 +29,9 @@ if sys.platform.startswith("linux"):
 
 
 def die_with_parent(sig: int = signal.SIGTERM):
-    """A ``preexec_fn`` making the child receive ``sig`` when this process dies (None off Linux)."""
-    if _prctl is None:
+    """A ``preexec_fn`` making the child receive ``sig`` when this process dies (None off Linux
+    or off the main thread)."""
+    if _prctl is None or threading.current_thread() is not threading.main_thread():
         return None
     parent = os.getpid()
 

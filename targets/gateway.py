@@ -37,6 +37,7 @@ from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer
 from targets.model_dir import ModelSpec
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+DRAIN_MAX_BYTES = 64 << 20  # an oversized body is read and dropped up to this much, then cut off
 
 
 @dataclass(frozen=True)
@@ -161,14 +162,17 @@ async def _read_body(receive, limit: int) -> bytes:
 
 
 async def _discard_body(receive, timeout_s: float) -> None:
-    """Read and drop the rest of a body, for at most ``timeout_s``: closing a connection with
-    unread data makes the kernel answer with a reset, and the client never reads our answer."""
+    """Read and drop the rest of a body, for at most ``timeout_s`` and DRAIN_MAX_BYTES: closing a
+    connection with unread data makes the kernel answer with a reset, and the client never reads
+    our answer."""
+    dropped = 0
     try:
         async with asyncio.timeout(max(timeout_s, 0.0)):
-            while True:
+            while dropped <= DRAIN_MAX_BYTES:
                 message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
                     return
+                dropped += len(message.get("body", b""))
     except TimeoutError:
         return
 
@@ -292,7 +296,8 @@ def create_app(
                 return await _read_body(request.receive, limit)
         except PayloadTooLarge:
             metrics.requests.labels(spec.name, "too_large", "none").inc()
-            if "100-continue" not in request.headers.get("expect", "").lower():
+            expects_continue = "100-continue" in request.headers.get("expect", "").lower()
+            if not expects_continue and (declared is None or declared <= DRAIN_MAX_BYTES):
                 await _discard_body(request.receive, timeout_s - (time.monotonic() - started))
             return _error(413, too_large, headers=close)
         except TimeoutError:

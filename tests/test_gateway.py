@@ -538,3 +538,17 @@ def test_a_full_queue_answers_503_with_retry_after(digits_spec, digits_backend, 
     assert "2 requests already queued" in refused.json()["error"]
     assert answered == [200, 200]
     assert 'outcome="overloaded"} 1.0' in metrics
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_and_forgotten(start_gateway, digits_eval):
+    gateway = start_gateway("--controller", "bio")
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n"
+    for _ in range(5):
+        raw_request(gateway.host_port, head, b'{"inputs": [').close()
+    deadline = time.monotonic() + 10
+    while 'outcome="client_gone"} 5.0' not in httpx.get(f"{gateway.url}/metrics").text:
+        assert time.monotonic() < deadline, httpx.get(f"{gateway.url}/metrics").text
+        time.sleep(0.1)
+    assert httpx.get(f"{gateway.url}/v2/controller").json()["in_flight"] == 0
+    response = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]))
+    assert response.status_code == 200
