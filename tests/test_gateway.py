@@ -552,3 +552,30 @@ def test_a_client_that_hangs_up_mid_body_is_counted_and_forgotten(start_gateway,
     assert httpx.get(f"{gateway.url}/v2/controller").json()["in_flight"] == 0
     response = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]))
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "text", "datatype": "BYTES", "shape": [1], "data": ["good"], "parameters": "x"},
+         "input 'parameters'"),
+        ({"name": "text", "datatype": "BYTES", "shape": [1], "data": ["good"], "parameters": [1]},
+         "input 'parameters'"),
+        ({"name": "text", "datatype": "BYTES", "shape": [1], "data": [5]}, "list of strings"),
+        ({"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}, "holds 1 strings"),
+    ],
+)
+def test_text_input_parts_are_checked_too(entry, message):
+    """The BYTES (text) path, with a stand-in tokenizer: no text model needed."""
+    from targets.errors import InputError
+    from targets.kserve import ProtocolError, decode_infer_request
+
+    def tokenize(texts):
+        if not all(isinstance(t, str) for t in texts):
+            raise InputError("text input must be a non-empty list of strings")
+        return np.zeros((len(texts), 4), dtype=np.int64)
+
+    body = json.dumps({"inputs": [entry]}).encode()
+    with pytest.raises(InputError, match=message):
+        decode_infer_request(body, None, "input_ids", np.dtype(np.int64), 256, tokenize)
+    assert issubclass(ProtocolError, InputError)
