@@ -32,6 +32,7 @@ class GatewayProcess:
                  startup_timeout_s: float = 120.0):
         if "--energy" not in args:
             args = (*args, "--energy", "off")
+        self._final_log: str | None = None
         self._tmp = None if log_path is not None else tempfile.mkdtemp(prefix="green-mlops-gateway-")
         self.log_path = Path(log_path) if log_path is not None else Path(self._tmp) / "gateway.log"
         self._log = self.log_path.open("wb")
@@ -61,7 +62,9 @@ class GatewayProcess:
             time.sleep(0.05)
 
     def log_text(self) -> str:
-        """Everything the gateway printed so far."""
+        """Everything the gateway printed so far (after ``stop()``: everything it printed)."""
+        if self._final_log is not None:
+            return self._final_log
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
@@ -79,6 +82,7 @@ class GatewayProcess:
         if not self._log.closed:
             self._log.close()
         if self._tmp is not None and code == 0:  # a failed gateway's log stays for whoever debugs it
+            self._final_log = self.log_text()
             shutil.rmtree(self._tmp, ignore_errors=True)
         return code
 

@@ -196,7 +196,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app):
         yield
-        executor.shutdown(wait=True)
+        executor.shutdown()
 
     app = FastAPI(title="green-mlops gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
     # The gateway measures load itself, from the body read to the answer, queueing included.

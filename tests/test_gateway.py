@@ -294,6 +294,8 @@ def test_sigterm_drains_in_flight_requests(start_gateway, digits_eval):
     for t in threads:
         t.join()
     assert statuses == [200] * 8
+    log = gateway.log_text()
+    assert "Traceback" not in log and "ERROR" not in log and log.rstrip().endswith("stopped"), log
 
 
 def test_bind_failure_is_a_clear_error(start_gateway):
