@@ -246,7 +246,15 @@ def _run_serve(args) -> int:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """Drains on SIGTERM/SIGINT, then returns (uvicorn would re-raise the signal: exit 0 instead)."""
+        """Drains on SIGTERM/SIGINT, then returns (uvicorn would re-raise the signal: exit 0 instead).
+        Says it listens only once it does, with its signal handlers in place."""
+
+        ready_line = ""
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(self.ready_line, flush=True)
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
@@ -297,10 +305,11 @@ def _run_serve(args) -> int:
         feed = PeriodicEnergyFeed(profiler, controller, app.state.answered_requests, args.energy_window_s)
         feed.start()
     energy = ", ".join(profiler.source_labels()) if feed is not None else "off"
-    print(f"green-mlops gateway: model {spec.name} · controller {args.controller} · {backend.provider} · "
-          f"energy {energy} · listening on http://{host}:{port}", flush=True)
+    server = DrainingServer(config)
+    server.ready_line = (f"green-mlops gateway: model {spec.name} · controller {args.controller} · "
+                         f"{backend.provider} · energy {energy} · listening on http://{host}:{port}")
     try:
-        DrainingServer(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         if feed is not None:
             feed.stop()

@@ -5,9 +5,9 @@ to send the child a signal when its parent goes, however it goes. A ``finally`` 
 child covers every orderly exit; this covers the rest (SIGKILL, a crash, an OOM kill).
 
 Caveat of the kernel's contract: the signal fires when the *thread* that started the child ends.
-So the request is made only from the main thread (gevent greenlets run on it too); a child started
-from another thread, or elsewhere than Linux, relies on its ``finally`` alone
-(``die_with_parent()`` returns None there).
+So the request is made only from the process's main OS thread (where gevent greenlets, and the
+threads gevent's monkey-patching fakes, run too); a child started from another OS thread, or
+elsewhere than Linux, relies on its ``finally`` alone (``die_with_parent()`` returns None there).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ if sys.platform.startswith("linux"):
 
 def die_with_parent(sig: int = signal.SIGTERM):
     """A ``preexec_fn`` making the child receive ``sig`` when this process dies (None off Linux
-    or off the main thread)."""
-    if _prctl is None or threading.current_thread() is not threading.main_thread():
+    or off the main OS thread)."""
+    if _prctl is None or threading.get_native_id() != os.getpid():  # Linux: main thread's id == pid
         return None
     parent = os.getpid()
 

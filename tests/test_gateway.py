@@ -432,24 +432,38 @@ def test_gateway_process_log_never_fills_a_pipe(start_gateway, digits_eval):
     assert gateway.log_text().count("Invalid HTTP request") >= 2500
 
 
-def test_gateway_dies_with_its_parent_even_on_sigkill(tmp_path):
+START_IN_MAIN = ("import sys, time; from loadtests.gateway_process import GatewayProcess; "
+                 "g = GatewayProcess('--controller', 'off'); print(g.process.pid, g.log_path, flush=True); "
+                 "time.sleep(600)")
+START_IN_GREENLET = ("from gevent import monkey; monkey.patch_all()\n"  # as Locust starts it
+                     "import gevent, time\nfrom loadtests.gateway_process import GatewayProcess\n"
+                     "g = gevent.spawn(GatewayProcess, '--controller', 'off').get()\n"
+                     "print(g.process.pid, g.log_path, flush=True)\ntime.sleep(600)\n")
+
+
+@pytest.mark.parametrize("script", [START_IN_MAIN, START_IN_GREENLET], ids=["main-thread", "gevent-greenlet"])
+def test_gateway_dies_with_its_parent_even_on_sigkill(script):
     import os
     import signal
     import subprocess
     import sys
 
-    script = ("import sys, time; from loadtests.gateway_process import GatewayProcess; "
-              "g = GatewayProcess('--controller', 'off'); print(g.process.pid, flush=True); time.sleep(600)")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        pid = int(parent.stdout.readline())
+        pid_text, log_path = parent.stdout.readline().split(maxsplit=1)
+        pid = int(pid_text)
         assert process_alive(pid)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not process_alive(pid), "the gateway outlived its parent"
+        if process_alive(pid):
+            from pathlib import Path
+
+            status = Path(f"/proc/{pid}/status").read_text()
+            log = Path(log_path.strip()).read_text(errors="replace")[-2000:]
+            raise AssertionError(f"the gateway outlived its parent:\n{status}\n{log}")
     finally:
         parent.kill()
         parent.wait()
@@ -581,3 +595,25 @@ def test_text_input_parts_are_checked_too(entry, message):
     with pytest.raises(InputError, match=message):
         decode_infer_request(body, None, "input_ids", np.dtype(np.int64), 256, tokenize)
     assert issubclass(ProtocolError, InputError)
+
+
+def test_sigterm_right_after_the_ready_line_stops_the_gateway():
+    """The ready line is printed once uvicorn's own signal handlers are in place: a SIGTERM at
+    once drains and exits 0 (it once raised KeyboardInterrupt inside the starting event loop, and
+    the gateway hung about one time in six)."""
+    import signal
+    import subprocess
+    import sys
+
+    for _ in range(8):
+        process = subprocess.Popen([sys.executable, "-m", "green_mlops.cli", "serve", "--port", "0",
+                                    "--energy", "off", "--controller", "off"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert "listening on" in process.stdout.readline()
+            process.send_signal(signal.SIGTERM)
+            out, _ = process.communicate(timeout=30)
+            assert process.returncode == 0 and "stopped" in out, out
+        finally:
+            process.kill()
+            process.communicate()
