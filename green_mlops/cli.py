@@ -1,20 +1,62 @@
-"""The ``green-mlops`` command line. Every user error ends in one message and a non-zero exit."""
+"""The ``green-mlops`` command line. Every error ends in one line and a documented exit code:
+
+0 done · 1 a gate or claim failed · 2 bad input (arguments, model directory, configuration,
+records, an unreachable or missing backend: the line says what to fix) · 3 an internal error (the
+line names a log file holding the traceback) · 130 interrupted (Ctrl-C or SIGTERM).
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
+import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from targets.errors import GreenMLOpsError
 
-EXIT_USAGE = 2
+EXIT_OK = 0
 EXIT_GATE = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
-stderr = Console(stderr=True)
+# Markup off: user text such as "green-mlops[cpu]", "[controller]" or "[n, 1, 8, 8]" prints as is.
+stderr = Console(stderr=True, markup=False, highlight=False)
+stdout = Console(markup=False, highlight=False)
+
+
+def error_line(message: str) -> None:
+    """One line on stderr: ``error: message``, the prefix in red, the message verbatim."""
+    stderr.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+
+
+def log_dir() -> Path:
+    """Where internal errors leave their traceback: $GREEN_MLOPS_LOG_DIR or ~/.cache/green-mlops/logs."""
+    return Path(os.environ.get("GREEN_MLOPS_LOG_DIR") or Path.home() / ".cache" / "green-mlops" / "logs")
+
+
+def write_traceback(exc: BaseException, argv: list[str]) -> Path:
+    """The traceback of ``exc`` in a new log file (the temporary directory if the log directory
+    cannot be written); its path."""
+    import tempfile
+
+    name = f"error-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.log"
+    text = "green-mlops " + " ".join(argv) + "\n\n" + "".join(traceback.format_exception(exc))
+    for directory in (log_dir(), Path(tempfile.gettempdir())):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / name
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("(unwritable: no log)")
 
 
 def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +102,7 @@ def open_energy(args, results: Path | None):
     profiler = open_profiler(country_iso_code=args.country, region=args.region,
                              record_path=None if results is None else results / "windows.jsonl")
     for name, reason in profiler.unavailable.items():
-        stderr.print(f"energy source {name} left out: {reason}", soft_wrap=True, highlight=False)
+        stderr.print(f"energy source {name} left out: {reason}", soft_wrap=True)
     if not profiler.sources:
         stderr.print("no energy source reads here: energy is not reported")
     return profiler
@@ -91,6 +133,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -132,11 +181,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20,
                        help="larger request bodies get 413 (default 1 MiB)")
     serve.add_argument("--max-batch", type=_positive_int, default=256)
+    serve.add_argument("--body-timeout-s", type=_positive_float, default=10.0,
+                       help="a request body must arrive within this many seconds (else 408), default 10")
+    serve.add_argument("--max-queue", type=_positive_int, default=256,
+                       help="requests queued or running in the workers; beyond that 503 with Retry-After")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
     serve.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
                        help="where inference runs: ONNX Runtime in-process (Path A) or a Triton server (Path B)")
-    serve.add_argument("--triton-url", default="127.0.0.1:8000", help="Triton HTTP address")
+    serve.add_argument("--triton-url", default="127.0.0.1:8001",
+                       help="Triton HTTP address (default: where 'triton up' listens)")
     serve.add_argument("--triton-metrics-url", help="Triton metrics, e.g. http://127.0.0.1:8002/metrics "
                        "(feeds the controller's congestion signal)")
     serve.add_argument("--triton-timeout-s", type=float, default=5.0, help="per call, default 5 s")
@@ -161,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     repo.add_argument("--instance-count", type=_positive_int, default=1)
     up = triton_commands.add_parser("up", help="start a real Triton server on 127.0.0.1 (Ctrl-C stops it)")
     up.add_argument("--repo", type=Path, required=True)
-    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--http-port", type=int, default=8001, help="default 8001 (serve takes 8000)")
     up.add_argument("--metrics-port", type=int, default=8002)
     up.add_argument("--server", help="tritonserver binary (default: PATH, $TRITONSERVER, or the pytriton venv)")
     install = triton_commands.add_parser("install", help="create the server's own venv (nvidia-pytriton)")
@@ -204,7 +258,15 @@ def _run_serve(args) -> int:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """Drains on SIGTERM/SIGINT, then returns (uvicorn would re-raise the signal: exit 0 instead)."""
+        """Drains on SIGTERM/SIGINT, then returns (uvicorn would re-raise the signal: exit 0 instead).
+        Says it listens only once it does, with its signal handlers in place."""
+
+        ready_line = ""
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(self.ready_line, flush=True)
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
@@ -232,7 +294,8 @@ def _run_serve(args) -> int:
             _poll_triton_congestion(triton, controller)
     profiler = open_energy(args, make_results_dir(args.results))
     settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
-                               max_batch=args.max_batch)
+                               max_batch=args.max_batch, body_timeout_s=args.body_timeout_s,
+                               max_queue=args.max_queue)
     app = create_app(spec, backend, controller, settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -255,11 +318,12 @@ def _run_serve(args) -> int:
         feed.start()
         app.state.energy_feed = feed  # the dashboard's energy, CO2 and their source labels
     energy = ", ".join(profiler.source_labels()) if feed is not None else "off"
-    print(f"green-mlops gateway: model {spec.name} · controller {args.controller} · {backend.provider} · "
-          f"energy {energy} · listening on http://{host}:{port}", flush=True)
-    print(f"green-mlops gateway: dashboard http://{host}:{port}/dashboard", flush=True)
+    server = DrainingServer(config)
+    server.ready_line = (f"green-mlops gateway: model {spec.name} · controller {args.controller} · "
+                         f"{backend.provider} · energy {energy} · listening on http://{host}:{port}"
+                         f"\ngreen-mlops gateway: dashboard http://{host}:{port}/dashboard")
     try:
-        DrainingServer(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         if feed is not None:
             feed.stop()
@@ -280,16 +344,15 @@ def _run_report(args) -> int:
         require_mlflow()  # before the work, not after it
     summary = build_report(args.results, out, args.baseline, args.min_duration_s, args.min_requests)
     print_report(summary)
-    Console().print(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}", soft_wrap=True)
+    stdout.print(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}", soft_wrap=True)
     if args.mlflow:
         from reports.tracking import log_report
 
         uri, run_id = log_report(args.mlflow, args.mlflow_experiment, args.results, out, summary)
-        Console().print(f"MLflow: run {run_id} in {uri} (experiment {args.mlflow_experiment})",
-                        soft_wrap=True, highlight=False, markup=False)
+        stdout.print(f"MLflow: run {run_id} in {uri} (experiment {args.mlflow_experiment})", soft_wrap=True)
     failures = gate_failures(summary)
     if args.gate and failures:
-        stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False)
+        stderr.print("gate: " + "; ".join(failures), soft_wrap=True)
         return EXIT_GATE
     return 0
 
@@ -313,8 +376,8 @@ def _run_triton(args) -> int:
     from targets.triton_server import TritonServer, install_venv
 
     if args.triton_command == "install":
-        venv = install_venv(args.venv, log=lambda line: stderr.print(line, highlight=False))
-        Console().print(f"Triton server environment ready: {venv}", highlight=False)
+        venv = install_venv(args.venv, log=lambda line: stderr.print(line, soft_wrap=True))
+        stdout.print(f"Triton server environment ready: {venv}", soft_wrap=True)
         return 0
     if args.triton_command == "repo":
         try:
@@ -325,24 +388,27 @@ def _run_triton(args) -> int:
                               preferred_batch_sizes=preferred, max_queue_delay_us=args.max_queue_delay_us,
                               instance_kind=args.instance_kind, instance_count=args.instance_count)
         written = write_repository(resolve_model(args.model), args.out, options)
-        Console().print(f"Triton repository ({args.flavour}) written to {args.out}: "
-                        f"{', '.join(p.name for p in written.values())}", highlight=False)
+        stdout.print(f"Triton repository ({args.flavour}) written to {args.out}: "
+                     f"{', '.join(p.name for p in written.values())}", soft_wrap=True)
         return 0
-    import signal
-    import threading
-
     if not args.repo.is_dir() or not any(args.repo.glob("*/config.pbtxt")):
         raise GreenMLOpsError(f"{args.repo} is not a Triton model repository (no <model>/config.pbtxt): "
                               "write one with 'green-mlops triton repo'")
+    # Ctrl-C or SIGTERM while it starts: the constructor stops the server, then exit 130.
     server = TritonServer(args.repo, http_port=args.http_port, metrics_port=args.metrics_port, server=args.server)
-    print(f"tritonserver ready: http://{server.url} · metrics {server.metrics_url} · log {server.log_path}",
-          flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.is_set() and server.process.poll() is None:
-        stop.wait(0.5)
-    code = server.stop()
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"tritonserver ready: http://{server.url} · metrics {server.metrics_url} · log {server.log_path}",
+              flush=True)
+        while not stop.is_set() and server.process.poll() is None:
+            stop.wait(0.5)
+        died = None if stop.is_set() else server.log_tail(1500)
+    finally:
+        code = server.stop()
+    if died is not None:
+        raise GreenMLOpsError(f"tritonserver exited by itself ({code}): {died}")
     print(f"tritonserver stopped ({code})", flush=True)
     return 0
 
@@ -353,7 +419,7 @@ def _run_models_build(args) -> int:
     from green_mlops.models import model_home
 
     out = args.out or model_home(args.name)
-    log = lambda line: stderr.print(line, highlight=False)  # noqa: E731
+    log = lambda line: stderr.print(line, soft_wrap=True)  # noqa: E731
     started = time.monotonic()
     if args.name == "digits":
         from green_mlops.models.build_digits import build
@@ -364,22 +430,41 @@ def _run_models_build(args) -> int:
 
         build(out, log=log, variant=args.variant, samples=args.samples, max_length=args.max_length,
               exit_layer=args.exit_layer)
-    stderr.print(f"models build {args.name}: {time.monotonic() - started:.0f} s", highlight=False)
+    stderr.print(f"models build {args.name}: {time.monotonic() - started:.0f} s")
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Parse, dispatch, and turn every outcome into one of the documented exit codes."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)  # bad arguments: argparse's usage line and exit 2
     handlers = {"validate": _run_validate, "serve": _run_serve, "triton": _run_triton, "report": _run_report,
                 "models": _run_models_build}
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C: every finally runs (children stopped, files closed). `serve`
+        # and `triton up` replace this with their own graceful stop once they are up.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handlers[args.command](args)
-    except GreenMLOpsError as exc:
-        stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    except GreenMLOpsError as exc:  # ModelDirError, ConfigError, InputError, RecordsError, BackendError
+        error_line(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         stderr.print("interrupted")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line for the user, the traceback for whoever fixes it
+        path = write_traceback(exc, argv)
+        summary = (str(exc).strip().splitlines() or [""])[0][:200]
+        error_line(f"internal error ({type(exc).__name__}: {summary}); traceback in {path}")
+        return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def load_run(path: Path) -> Run:
         metadata = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
     except json.JSONDecodeError as exc:
         raise GreenMLOpsError(f"{path / 'run.json'} is not valid JSON: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise GreenMLOpsError(f"{path / 'run.json'} must hold a JSON object, got {type(metadata).__name__}")
     return Run(path.name, path, metadata, read_records(path / "requests.jsonl"),
                _json_lines(path / "windows.jsonl"), _json_lines(path / "timeline.jsonl"))
 

@@ -19,3 +19,7 @@ class ConfigError(GreenMLOpsError):
 
 class BackendError(GreenMLOpsError):
     """An inference backend failed or could not be reached."""
+
+
+class RecordsError(GreenMLOpsError):
+    """Recorded results (requests.jsonl, run.json) are malformed: not what a run writes."""

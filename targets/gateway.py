@@ -5,16 +5,21 @@ Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
 ``GET /v2/controller``, ``GET /metrics`` (Prometheus) and ``GET /dashboard`` (live page, see
 :mod:`targets.dashboard`).
 
-Inference runs in a thread pool of ``max_concurrency`` workers, off the event loop. A request
-counts as in flight from arrival to answer (queued or running): that count and the recent p95 of
-those end-to-end latencies are the controller's congestion signal ĉ. Every answer, errors
+The event loop only moves bytes. A request's body is read first, within ``body_timeout_s`` of its
+arrival (else 408) and up to ``max_body_bytes`` (else 413, after the rest of the body was read and
+discarded, so that the client can read the answer); only then does it count as in flight. Its
+decoding (JSON, ``np.asarray``, tokenisation), inference and the encoding of the answer run as one
+job in a pool of ``max_concurrency`` threads, whose queue holds at most ``max_queue`` jobs (queued
+or running; beyond that 503 with Retry-After). The in-flight count and the recent p95 of
+in-flight-to-answer latencies are the controller's congestion signal ĉ. Every answer, errors
 included, is JSON with a message; bad input is a 4xx, never a 5xx.
 """
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -34,18 +39,63 @@ from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer
 from targets.model_dir import ModelSpec
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+DRAIN_MAX_BYTES = 64 << 20  # an oversized body is read and dropped up to this much, then cut off
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    max_concurrency: int = 4  # inference worker threads
+    max_concurrency: int = 4  # worker threads: decoding, inference, encoding
     max_body_bytes: int = 1 << 20  # larger bodies get 413
     max_batch: int = 256
-    retry_after_s: int = 1  # Retry-After of a 503 (not admitted, or the backend failed)
+    retry_after_s: int = 1  # Retry-After of a 503 (not admitted, queue full, or the backend failed)
+    body_timeout_s: float = 10.0  # the whole body must arrive within this of the request's headers
+    max_queue: int = 256  # jobs queued or running in the worker pool; beyond that 503
 
 
 class PayloadTooLarge(Exception):
     pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+class QueueFull(Exception):
+    pass
+
+
+class BoundedExecutor:
+    """A thread pool that refuses a job (QueueFull) once ``max_pending`` are queued or running."""
+
+    def __init__(self, workers: int, max_pending: int):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="infer")
+        self.max_pending = max_pending
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, fn, *args) -> Future:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise QueueFull
+            self._pending += 1
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            self._done(None)
+            raise
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
@@ -55,15 +105,17 @@ def _error(status: int, message: str, headers: dict | None = None, **extra) -> J
 class _Metrics:
     """The gateway's Prometheus series, in a registry of its own (one per app)."""
 
-    def __init__(self, target: ControlledTarget, in_flight):
+    def __init__(self, target: ControlledTarget, in_flight, queue_depth):
         self.registry = CollectorRegistry()
         self.requests = Counter("green_mlops_requests", "Infer requests by model, outcome and action",
                                 ["model", "outcome", "action"], registry=self.registry)
         self.latency = Histogram("green_mlops_request_latency_seconds",
-                                 "End-to-end infer latency (arrival to answer)", ["model", "action"],
+                                 "End-to-end infer latency (body read to answer)", ["model", "action"],
                                  buckets=LATENCY_BUCKETS_S, registry=self.registry)
-        Gauge("green_mlops_in_flight", "Infer requests queued or running",
+        Gauge("green_mlops_in_flight", "Infer requests whose body was read, queued or running",
               registry=self.registry).set_function(in_flight)
+        Gauge("green_mlops_queue_depth", "Jobs queued or running in the worker pool",
+              registry=self.registry).set_function(queue_depth)
         controller = target.controller
         if controller is not None:
             state = controller.state
@@ -94,17 +146,44 @@ def _decision_parameters(outcomes: list[Outcome]) -> dict:
     }
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge
+async def _read_body(receive, limit: int) -> bytes:
+    """The whole body from the ASGI channel; PayloadTooLarge past ``limit``, ClientGone when the
+    client hung up."""
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _discard_body(receive, timeout_s: float) -> None:
+    """Read and drop the rest of a body, for at most ``timeout_s`` and DRAIN_MAX_BYTES: closing a
+    connection with unread data makes the kernel answer with a reset, and the client never reads
+    our answer."""
+    dropped = 0
+    try:
+        async with asyncio.timeout(max(timeout_s, 0.0)):
+            while dropped <= DRAIN_MAX_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
+    except TimeoutError:
+        return
+
+
+def _declared_length(request: Request) -> int | None:
+    try:
+        return int(request.headers.get("content-length", ""))
+    except ValueError:
+        return None
 
 
 def create_app(
@@ -114,21 +193,21 @@ def create_app(
     settings: GatewaySettings = GatewaySettings(),
 ) -> FastAPI:
     """A FastAPI app serving ``backend`` under ``controller`` (None: the standard path)."""
-    executor = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="infer")
+    executor = BoundedExecutor(settings.max_concurrency, settings.max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        executor.shutdown(wait=True)
+        executor.shutdown()
 
     app = FastAPI(title="green-mlops gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
-    # The gateway measures load from arrival to answer itself, queueing included.
+    # The gateway measures load itself, from the body read to the answer, queueing included.
     target = ControlledTarget(backend, controller, track_load=False)
     tokenizer = spec.load_tokenizer()  # text models: BYTES inputs are tokenised here, at the edge
     in_flight = [0]
     answered = [0]
     app.state.answered_requests = lambda: answered[0]  # running count, for energy per request
-    metrics = _Metrics(target, lambda: in_flight[0])
+    metrics = _Metrics(target, lambda: in_flight[0], lambda: executor.pending)
     n_classes = len(spec.classes)
     metadata = {
         "name": spec.name,
@@ -192,6 +271,41 @@ def create_app(
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def answer(body: bytes, header_length: str | None):
+        """Worker-thread job: decode, check, predict, encode; (outcomes, body, media, headers)."""
+        decoded = decode_infer_request(body, header_length, spec.input_name, spec.input_dtype,
+                                       settings.max_batch, tokenizer)
+        outcomes = target.predict(decoded.batch)
+        if any(o.action == ACTION_REJECT for o in outcomes):
+            return outcomes, None, None, None
+        probabilities = np.stack([o.probabilities for o in outcomes])
+        content, headers = encode_infer_response(spec.name, decoded.request_id, probabilities,
+                                                 _decision_parameters(outcomes), decoded.binary_output)
+        media = "application/octet-stream" if decoded.binary_output else "application/json"
+        return outcomes, content, media, headers
+
+    async def read_body(request: Request) -> bytes | JSONResponse:
+        """The body, or the 408/413 answer (Connection: close) that replaces it."""
+        limit, timeout_s = settings.max_body_bytes, settings.body_timeout_s
+        started = time.monotonic()
+        declared = _declared_length(request)
+        close = {"Connection": "close"}
+        too_large = f"request body exceeds {limit} bytes"
+        try:
+            if declared is not None and declared > limit:
+                raise PayloadTooLarge
+            async with asyncio.timeout(timeout_s):
+                return await _read_body(request.receive, limit)
+        except PayloadTooLarge:
+            metrics.requests.labels(spec.name, "too_large", "none").inc()
+            expects_continue = "100-continue" in request.headers.get("expect", "").lower()
+            if not expects_continue and (declared is None or declared <= DRAIN_MAX_BYTES):
+                await _discard_body(request.receive, timeout_s - (time.monotonic() - started))
+            return _error(413, too_large, headers=close)
+        except TimeoutError:
+            metrics.requests.labels(spec.name, "body_timeout", "none").inc()
+            return _error(408, f"request body not received within {timeout_s:g} s", headers=close)
+
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str = "1"):
@@ -200,41 +314,42 @@ def create_app(
             # One label for every unknown name: client-chosen labels would grow series without bound.
             metrics.requests.labels("(unknown)", "client_error", "none").inc()
             return missing
+        try:
+            body = await read_body(request)
+        except ClientGone:
+            metrics.requests.labels(spec.name, "client_gone", "none").inc()
+            return Response(status_code=400)  # nobody reads it
+        if isinstance(body, Response):
+            return body
+        # In flight from here: a body still arriving holds no worker and is no congestion.
         started_ns = time.perf_counter_ns()
         in_flight[0] += 1
         if controller is not None:
             controller.request_started()
         action, outcome_label = "none", "client_error"
+        retry = {"Retry-After": str(settings.retry_after_s)}
         try:
             try:
-                body = await _read_body(request, settings.max_body_bytes)
-                decoded = decode_infer_request(body, request.headers.get(HEADER_LENGTH), spec.input_name,
-                                               spec.input_dtype, settings.max_batch, tokenizer)
-                batch = target.backend.check(decoded.batch)
-            except PayloadTooLarge:
-                return _error(413, f"request body exceeds {settings.max_body_bytes} bytes")
+                job = executor.submit(answer, body, request.headers.get(HEADER_LENGTH))
+            except QueueFull:
+                outcome_label = "overloaded"
+                return _error(503, f"gateway busy: {settings.max_queue} requests already queued or "
+                                   "running: retry later", headers=retry)
+            try:
+                outcomes, content, media, headers = await asyncio.wrap_future(job)
             except InputError as exc:
                 return _error(400, str(exc))
-            loop = asyncio.get_running_loop()
-            try:
-                outcomes = await loop.run_in_executor(executor, target.predict, batch)
             except BackendError as exc:
                 outcome_label = "backend_error"
-                return _error(503, f"inference backend unavailable: {exc}",
-                              headers={"Retry-After": str(settings.retry_after_s)})
-            parameters = _decision_parameters(outcomes)
+                return _error(503, f"inference backend unavailable: {exc}", headers=retry)
             action = outcomes[0].action if len(outcomes) == 1 else "batch"
-            if any(o.action == ACTION_REJECT for o in outcomes):
+            if content is None:
                 outcome_label = "rejected"
-                return _error(503, "request not admitted by the controller: retry later",
-                              headers={"Retry-After": str(settings.retry_after_s)}, parameters=parameters)
-            probabilities = np.stack([o.probabilities for o in outcomes])
-            body, headers = encode_infer_response(spec.name, decoded.request_id, probabilities,
-                                                  parameters, decoded.binary_output)
+                return _error(503, "request not admitted by the controller: retry later", headers=retry,
+                              parameters=_decision_parameters(outcomes))
             outcome_label = "ok"
             answered[0] += 1
-            media = "application/octet-stream" if decoded.binary_output else "application/json"
-            return Response(body, media_type=media, headers=headers)
+            return Response(content, media_type=media, headers=headers)
         except Exception:
             outcome_label = "server_error"
             raise

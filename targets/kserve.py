@@ -73,17 +73,31 @@ def _shape(entry: dict) -> tuple[int, ...]:
     if not isinstance(shape, list) or not shape:
         raise ProtocolError("input 'shape' must be a non-empty list of integers")
     if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIMENSION for d in shape):
-        raise ProtocolError(f"input 'shape' must hold integers in [0, {MAX_DIMENSION}], got {shape}")
+        raise ProtocolError(f"input 'shape' must hold integers in [0, {MAX_DIMENSION}], got {str(shape)[:60]}")
     return tuple(shape)
+
+
+def _parameters(part: dict, where: str) -> dict:
+    """A part's ``parameters``: absent (or null) is {}, anything else but an object is a 400."""
+    parameters = part.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"{where} 'parameters' must be an object, got {type(parameters).__name__}")
+    return parameters
+
+
+def _flag(parameters: dict, key: str, where: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where} parameter '{key}' must be true or false, got {value!r:.40}")
+    return value
 
 
 def _values(entry: dict, shape: tuple[int, ...], dtype: np.dtype, binary: bytes, offset: int):
     """The input's array and the binary offset after it."""
     count = math.prod(shape)
-    parameters = entry.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise ProtocolError("input 'parameters' must be an object")
-    size = parameters.get("binary_data_size")
+    size = _parameters(entry, "input").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             raise ProtocolError(f"binary_data_size {size!r} does not fit the {len(binary) - offset} "
@@ -109,7 +123,7 @@ def _texts(entry: dict, shape: tuple[int, ...], binary: bytes) -> list[str]:
     then its bytes), one UTF-8 text per row."""
     if len(shape) != 1:
         raise ProtocolError(f"text input shape must be [n], got {list(shape)}")
-    size = (entry.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(entry, "input").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
             raise ProtocolError(f"binary_data_size {size!r} does not fit the binary data")
@@ -159,27 +173,30 @@ def decode_infer_request(
         array = tokenize(_texts(entry, shape, binary))
     else:
         if entry.get("name") != input_name:
-            raise ProtocolError(f"unknown input {entry.get('name')!r}: this model's input is '{input_name}'")
+            raise ProtocolError(f"unknown input {entry.get('name')!r:.60}: this model's input is '{input_name}'")
         if entry.get("datatype") != expected:
             also = " (or BYTES text)" if tokenize is not None else ""
-            raise ProtocolError(f"input datatype must be {expected}{also}, got {entry.get('datatype')!r}")
+            raise ProtocolError(f"input datatype must be {expected}{also}, got {entry.get('datatype')!r:.40}")
         shape = _shape(entry)
         if shape[0] > max_batch:
             raise ProtocolError(f"batch of {shape[0]} exceeds this gateway's maximum of {max_batch}")
         array, _ = _values(entry, shape, np.dtype(input_dtype), binary, 0)
 
-    outputs = header.get("outputs", [])
+    outputs = header.get("outputs")
+    outputs = [] if outputs is None else outputs
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects")
+    binary_output = False
     for output in outputs:
         if output.get("name") != OUTPUT_NAME:
-            raise ProtocolError(f"unknown output {output.get('name')!r}: this model's output is "
+            raise ProtocolError(f"unknown output {output.get('name')!r:.60}: this model's output is "
                                 f"'{OUTPUT_NAME}'")
-    parameters = header.get("parameters") or {}
-    binary_output = any(bool((o.get("parameters") or {}).get("binary_data")) for o in outputs) or (
-        isinstance(parameters, dict) and bool(parameters.get("binary_data_output")))
+        binary_output |= _flag(_parameters(output, "output"), "binary_data", "output")
+    binary_output |= _flag(_parameters(header, "request"), "binary_data_output", "request")
     request_id = header.get("id")
-    return InferRequest(None if request_id is None else str(request_id), array, binary_output)
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"request 'id' must be a string, got {type(request_id).__name__}")
+    return InferRequest(request_id, array, binary_output)
 
 
 def encode_infer_response(

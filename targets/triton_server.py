@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from targets.child_process import die_with_parent
 from targets.errors import BackendError
 
 DEFAULT_VENV = Path.home() / ".cache" / "green-mlops" / "triton-venv"
@@ -35,9 +36,28 @@ def triton_venv() -> Path:
     return Path(os.environ.get("GREEN_MLOPS_TRITON_VENV", DEFAULT_VENV))
 
 
+def installed(venv: Path) -> bool:
+    """Whether ``venv`` already holds every one of PYTRITON_PACKAGES (at the pinned versions)."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return False
+    code = ("import sys\nfrom importlib.metadata import version, PackageNotFoundError\n"
+            "for spec in sys.argv[1:]:\n"
+            "    name, _, pinned = spec.partition('==')\n"
+            "    try:\n        found = version(name)\n"
+            "    except PackageNotFoundError:\n        sys.exit(1)\n"
+            "    if pinned and found != pinned:\n        sys.exit(1)\n")
+    result = subprocess.run([str(python), "-c", code, *PYTRITON_PACKAGES], capture_output=True, timeout=60)
+    return result.returncode == 0
+
+
 def install_venv(venv: Path | None = None, log=print) -> Path:
-    """Create the server's own virtual environment: nvidia-pytriton and ONNX Runtime."""
+    """Create the server's own virtual environment: nvidia-pytriton and ONNX Runtime (nothing to
+    do, and says so, when they are already there)."""
     venv = venv or triton_venv()
+    if installed(venv):
+        log(f"{' and '.join(PYTRITON_PACKAGES)} already installed in {venv}: nothing to download")
+        return venv
     if not (venv / "bin" / "python").exists():
         log(f"creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -78,7 +98,14 @@ def _python_facts(python: Path) -> tuple[str, str, str]:
 
 
 class TritonServer:
-    """A running tritonserver bound to 127.0.0.1; ``stop()`` (SIGTERM) ends it."""
+    """A running tritonserver bound to 127.0.0.1; ``stop()`` (SIGTERM) ends it.
+
+    The server never outlives this object's process: it dies with it (SIGTERM from the kernel,
+    even when this process is killed with SIGKILL), and a failed or interrupted start (Ctrl-C
+    while waiting for readiness) stops it before the exception leaves the constructor.
+    """
+
+    process: subprocess.Popen | None = None
 
     def __init__(self, repo: Path, http_port: int = 0, metrics_port: int = 0, server: str | Path | None = None,
                  startup_timeout_s: float = 60.0, log_path: Path | None = None):
@@ -86,6 +113,13 @@ class TritonServer:
         self.http_port = http_port or _free_port()
         self.metrics_port = metrics_port or _free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="green-mlops-triton-")
+        try:
+            self._start(install, repo, log_path, startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, install: ServerInstall, repo: Path, log_path: Path | None, startup_timeout_s: float) -> None:
         env = dict(os.environ)
         command = [str(install.binary), "--model-repository", str(Path(repo).resolve()),
                    "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
@@ -107,8 +141,10 @@ class TritonServer:
             env["PATH"] = os.pathsep.join([str(install.python.parent), env.get("PATH", "")])
         self.log_path = log_path or Path(self._tmp.name) / "tritonserver.log"
         self._log = self.log_path.open("w")
+        # Its own session: a terminal's Ctrl-C reaches this process only, which stops the server.
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=die_with_parent())
         self.url = f"127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._wait_ready(startup_timeout_s)
@@ -125,9 +161,7 @@ class TritonServer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.1)
-        tail = self.log_tail()
-        self.stop()
-        raise BackendError(f"tritonserver was not ready within {timeout_s:.0f} s: {tail}")
+        raise BackendError(f"tritonserver was not ready within {timeout_s:.0f} s: {self.log_tail()}")
 
     def model_ready(self, name: str) -> bool:
         try:
@@ -137,21 +171,27 @@ class TritonServer:
             return False
 
     def log_tail(self, chars: int = 3000) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.flush()
+        path = getattr(self, "log_path", None)
+        return path.read_text(errors="replace")[-chars:] if path is not None and path.exists() else ""
 
-    def stop(self, timeout_s: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, SIGKILL after ``timeout_s``; the exit code (None if it never started). Idempotent."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=timeout_s)
+                process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+                process.kill()
+                process.wait()
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
         self._tmp.cleanup()
-        return self.process.returncode
+        return None if process is None else process.returncode
 
 
 def _free_port() -> int:

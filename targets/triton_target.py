@@ -4,7 +4,10 @@ The three graphs are the repository's ``<name>_full``, ``<name>_stage1`` and ``<
 (see :mod:`targets.triton_repo`). Tensors travel in Triton's binary form. Each thread has its own
 client (a pool of ``concurrency`` connections); every call is bounded by ``timeout_s`` (connect and
 network timeouts) and any failure
-(unreachable, slow, model missing) raises :class:`BackendError` with the server and model named.
+(unreachable, slow, model missing, an answer without the expected outputs) raises
+:class:`BackendError` with the server and model named. A batch larger than the repository's
+``max_batch_size`` is the client's mistake, not the server's: ``check()`` refuses it with an
+:class:`InputError` naming the limit (an HTTP 400, not a retryable 503).
 ``queue_metrics()`` reads Triton's Prometheus metrics, from which ``congestion()`` derives the
 controller's ĉ: Triton's queue time per request over the SLO, and its pending requests.
 """
@@ -17,7 +20,7 @@ import urllib.request
 
 import numpy as np
 
-from targets.errors import BackendError
+from targets.errors import BackendError, InputError
 from targets.kserve import datatype_of
 from targets.model_dir import ModelSpec
 from targets.ort_target import check_batch, softmax
@@ -67,6 +70,7 @@ class TritonTarget:
                 raise BackendError(f"Triton at {self.url} is unreachable: {exc}") from exc
             if not ready:
                 raise BackendError(f"Triton at {self.url} has no ready model '{name}'")
+        self.max_batch_size = self._max_batch_size()
         self.provider = f"triton:{self.url}"
         self._last_metrics: tuple[float, dict] | None = None
         self._metrics_lock = threading.Lock()
@@ -81,8 +85,25 @@ class TritonTarget:
             self._clients.append(client)
         return client
 
+    def _max_batch_size(self) -> int | None:
+        """The smallest ``max_batch_size`` of the three models (None: unknown or unbatched)."""
+        sizes = []
+        for name in self.names.values():
+            try:
+                config = self._client().get_model_config(name)
+            except Exception as exc:
+                raise BackendError(f"Triton at {self.url}: cannot read the config of '{name}': {exc}") from exc
+            size = config.get("max_batch_size") if isinstance(config, dict) else None
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                sizes.append(size)
+        return min(sizes) if sizes else None
+
     def check(self, batch) -> np.ndarray:
-        return check_batch(batch, self.spec)
+        batch = check_batch(batch, self.spec)
+        if self.max_batch_size is not None and len(batch) > self.max_batch_size:
+            raise InputError(f"batch of {len(batch)} rows exceeds the Triton repository's max_batch_size "
+                             f"of {self.max_batch_size}: send at most {self.max_batch_size} rows per request")
+        return batch
 
     def _infer(self, key: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
         name = self.names[key]
@@ -95,9 +116,16 @@ class TritonTarget:
         wanted = [self._http.InferRequestedOutput(o, binary_data=True) for o in outputs]
         try:
             result = self._client().infer(name, tensors, outputs=wanted)
+            arrays = [result.as_numpy(o) for o in outputs]
         except Exception as exc:
             raise BackendError(f"Triton at {self.url}, model '{name}': {exc}") from exc
-        return [result.as_numpy(o) for o in outputs]
+        rows = len(next(iter(inputs.values())))
+        for output, array in zip(outputs, arrays):
+            if not isinstance(array, np.ndarray) or array.ndim < 1 or len(array) != rows:
+                got = "nothing" if array is None else f"shape {list(np.shape(array))}"
+                raise BackendError(f"Triton at {self.url}, model '{name}': output '{output}' holds {got} "
+                                   f"for a batch of {rows}")
+        return arrays
 
     def full_probabilities(self, batch: np.ndarray) -> np.ndarray:
         g = self.spec.full

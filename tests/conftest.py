@@ -116,3 +116,88 @@ def triton_server(request):
     server = TritonServer(request.getfixturevalue("triton_repo"))
     yield server
     server.stop()
+
+
+class FakeTriton:
+    """A misbehaving Triton on loopback, in a thread: every model is ready, configs say
+    ``max_batch_size``, and every infer call fails the way ``mode`` says (a fault to inject):
+    ``error`` (Triton's JSON error, HTTP 500), ``garbage`` (200, not JSON), ``no_outputs``
+    (200, a valid answer without outputs), ``reset`` (the connection is dropped), ``cycle``
+    (each of those in turn). ``infers`` counts the calls."""
+
+    MODES = ("error", "garbage", "no_outputs", "reset")
+
+    def __init__(self, max_batch_size: int = 8, mode: str = "cycle", hang_s: float = 30.0):
+        import json
+        import threading
+        import time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        fake = self
+        self.mode, self.infers = mode, 0
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path.endswith("/ready") or self.path.startswith("/v2/health"):
+                    self._send(200, b"")
+                elif self.path.endswith("/config"):
+                    name = self.path.split("/")[3]
+                    self._send(200, json.dumps({"name": name, "max_batch_size": max_batch_size}).encode())
+                else:
+                    self._send(404, b'{"error":"not found"}')
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with fake._lock:
+                    n, fake.infers = fake.infers, fake.infers + 1
+                mode = fake.MODES[n % len(fake.MODES)] if fake.mode == "cycle" else fake.mode
+                if mode == "hang":
+                    time.sleep(hang_s)
+                    self._send(500, b'{"error":"too late"}')
+                elif mode == "error":
+                    self._send(500, b'{"error":"injected fault: model crashed"}')
+                elif mode == "garbage":
+                    self._send(200, b"\x00not json at all\xff")
+                elif mode == "no_outputs":
+                    self._send(200, json.dumps({"model_name": "x", "outputs": []}).encode())
+                else:  # reset: drop the connection without an answer
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-triton", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def fake_triton():
+    servers: list[FakeTriton] = []
+
+    def start(**kwargs) -> FakeTriton:
+        servers.append(FakeTriton(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

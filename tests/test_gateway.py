@@ -206,6 +206,67 @@ def test_hostile_bodies_never_get_a_5xx(bio_client, body_and_header):
         assert isinstance(document["error"], str) and document["error"]
 
 
+# Every part of a request, not only its input: a valid request with one to three of its parts
+# replaced by hostile values, so that each part (inputs, outputs, parameters, id) is reached and
+# checked; plus hostile headers and paths.
+def valid_request() -> dict:
+    return {"id": "r-1",
+            "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64,
+                        "parameters": {}}],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
+            "parameters": {"binary_data_output": False}}
+
+
+REQUEST_PARTS = (("id",), ("inputs",), ("inputs", 0), ("inputs", 0, "name"), ("inputs", 0, "shape"),
+                 ("inputs", 0, "datatype"), ("inputs", 0, "data"), ("inputs", 0, "parameters"),
+                 ("inputs", 0, "parameters", "binary_data_size"), ("outputs",), ("outputs", 0),
+                 ("outputs", 0, "name"), ("outputs", 0, "parameters"), ("outputs", 0, "parameters", "binary_data"),
+                 ("parameters",), ("parameters", "binary_data_output"), ("parameters", "priority"))
+
+
+def replaced(document: dict, changes) -> dict:
+    """``document`` with the value at each path replaced (a path no longer there is skipped)."""
+
+    def holds(parent, key) -> bool:
+        return (isinstance(parent, dict) and isinstance(key, str)) or (
+            isinstance(parent, list) and isinstance(key, int) and key < len(parent))
+
+    for path, value in changes:
+        parent = document
+        for key in path[:-1]:
+            if not holds(parent, key) or (isinstance(parent, dict) and key not in parent):
+                break
+            parent = parent[key]
+        else:
+            if holds(parent, path[-1]):
+                parent[path[-1]] = value
+    return document
+
+
+hostile_part = st.one_of(json_values, st.sampled_from(["probabilities", "x", "FP32", "BYTES"]),
+                         st.lists(st.integers(-2, 70), max_size=5))
+whole_request = st.lists(st.tuples(st.sampled_from(REQUEST_PARTS), hostile_part), min_size=1, max_size=3).map(
+    lambda changes: replaced(valid_request(), changes))
+header_value = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12).map(str.strip)
+hostile_headers = st.dictionaries(
+    st.sampled_from(["Inference-Header-Content-Length", "Content-Type", "Content-Encoding", "Accept",
+                     "Expect", "Connection", "X-Request-Id"]),
+    header_value | st.integers(-5, 10**6).map(str), max_size=3)
+hostile_path = st.one_of(st.just("/v2/models/digits/infer"),
+                         st.text(st.characters(min_codepoint=48, max_codepoint=122), min_size=1, max_size=6)
+                         .map(lambda v: f"/v2/models/digits/versions/{v}/infer"))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(whole_request, hostile_headers, hostile_path)
+def test_hostile_requests_never_get_a_5xx_in_any_part(bio_client, document, headers, path):
+    body = json.dumps(document).encode()
+    response = bio_client.post(path, content=body, headers=headers)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert isinstance(response.json()["error"], str) and response.json()["error"]
+
+
 def test_server_survives_the_hostile_bodies(gateway_bio, digits_eval):
     response = httpx.post(f"{gateway_bio.url}/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]))
     assert response.status_code == 200
@@ -233,6 +294,8 @@ def test_sigterm_drains_in_flight_requests(start_gateway, digits_eval):
     for t in threads:
         t.join()
     assert statuses == [200] * 8
+    log = gateway.log_text()
+    assert "Traceback" not in log and "ERROR" not in log and log.rstrip().endswith("stopped"), log
 
 
 def test_bind_failure_is_a_clear_error(start_gateway):
@@ -262,3 +325,295 @@ def test_energy_windows_feed_the_controller(start_gateway, digits_eval, tmp_path
     assert gateway.stop() == 0
     windows = [json.loads(line) for line in (tmp_path / "windows.jsonl").read_text().splitlines()]
     assert len(windows) >= 3 and all(w["window"].startswith("serve-") for w in windows)
+
+
+# --- Hardening: every part of a request, half-sent and oversized bodies, the event loop, the queue
+
+
+def raw_request(host_port: str, head: bytes, body: bytes = b"", timeout_s: float = 10.0):
+    """A socket that sent ``head`` (and ``body``); the caller reads and closes it."""
+    import socket
+
+    host, port = host_port.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+    sock.sendall(head + body)
+    return sock
+
+
+def read_status(sock) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b.update(outputs=[{"name": "probabilities", "parameters": [1]}]), "output 'parameters'"),
+        (lambda b: b.update(outputs=[{"name": "probabilities", "parameters": "binary"}]), "output 'parameters'"),
+        (lambda b: b.update(outputs=[{"name": "probabilities", "parameters": {"binary_data": "yes"}}]),
+         "binary_data"),
+        (lambda b: b.update(parameters=[1]), "request 'parameters'"),
+        (lambda b: b.update(parameters={"binary_data_output": [True]}), "binary_data_output"),
+        (lambda b: b["inputs"][0].update(parameters="x"), "input 'parameters'"),
+        (lambda b: b.update(id={"a": 1}), "'id' must be a string"),
+        (lambda b: b.update(outputs={"name": "probabilities"}), "list of objects"),
+    ],
+)
+def test_every_request_part_is_checked_with_a_400(gateway_bio, digits_eval, mutate, message):
+    body = infer_body(digits_eval[0][:1])
+    mutate(body)
+    response = httpx.post(f"{gateway_bio.url}/v2/models/digits/infer", json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_half_sent_bodies_are_not_in_flight_and_time_out_with_408(start_gateway, digits_eval):
+    gateway = start_gateway("--controller", "bio", "--body-timeout-s", "2", "--capacity", "8")
+    head = (b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    stalled = [raw_request(gateway.host_port, head, b'{"inputs": [') for _ in range(8)]
+    try:
+        time.sleep(0.3)
+        with httpx.Client(base_url=gateway.url, timeout=30) as client:
+            state = client.get("/v2/controller").json()
+            assert state["in_flight"] == 0 and state["congestion"] == 0.0
+            assert "green_mlops_in_flight 0.0" in client.get("/metrics").text
+            response = client.post("/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]))
+            assert response.status_code == 200
+        statuses = [read_status(sock) for sock in stalled]  # sockets time out after 10 s
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert statuses == [408] * 8
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'outcome="body_timeout"} 8.0' in metrics
+
+
+def test_oversized_body_gets_a_readable_413_even_with_connection_close(gateway_bio):
+    import urllib.error
+    import urllib.request
+
+    # urllib sends Connection: close: the server must not close on 50 MB of unread body (RST).
+    request = urllib.request.Request(f"{gateway_bio.url}/v2/models/digits/infer", data=b" " * (50 << 20),
+                                     method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 413
+    assert "exceeds 65536 bytes" in json.loads(caught.value.read())["error"]
+
+
+def test_oversized_declared_body_with_expect_continue_is_refused_before_upload(gateway_bio):
+    head = (b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 9000000\r\n"
+            b"Expect: 100-continue\r\n\r\n")
+    sock = raw_request(gateway_bio.host_port, head)
+    try:
+        assert read_status(sock) == 413  # answered at once: no 100 Continue, no body sent
+    finally:
+        sock.close()
+
+
+def test_gateway_process_log_never_fills_a_pipe(start_gateway, digits_eval):
+    """Each malformed request makes uvicorn log a line; 2,500 of them (> 64 KiB) would fill an
+    unread pipe and hang the gateway."""
+    gateway = start_gateway("--controller", "off")
+    for _ in range(2500):
+        sock = raw_request(gateway.host_port, b"NOT HTTP AT ALL\r\n\r\n", timeout_s=5)
+        try:
+            sock.recv(1024)
+        finally:
+            sock.close()
+    response = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]), timeout=10)
+    assert response.status_code == 200
+    assert gateway.log_text().count("Invalid HTTP request") >= 2500
+
+
+START_IN_MAIN = ("import sys, time; from loadtests.gateway_process import GatewayProcess; "
+                 "g = GatewayProcess('--controller', 'off'); print(g.process.pid, g.log_path, flush=True); "
+                 "time.sleep(600)")
+START_IN_GREENLET = ("from gevent import monkey; monkey.patch_all()\n"  # as Locust starts it
+                     "import gevent, time\nfrom loadtests.gateway_process import GatewayProcess\n"
+                     "g = gevent.spawn(GatewayProcess, '--controller', 'off').get()\n"
+                     "print(g.process.pid, g.log_path, flush=True)\ntime.sleep(600)\n")
+
+
+@pytest.mark.parametrize("script", [START_IN_MAIN, START_IN_GREENLET], ids=["main-thread", "gevent-greenlet"])
+def test_gateway_dies_with_its_parent_even_on_sigkill(script):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid_text, log_path = parent.stdout.readline().split(maxsplit=1)
+        pid = int(pid_text)
+        assert process_alive(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if process_alive(pid):
+            from pathlib import Path
+
+            status = Path(f"/proc/{pid}/status").read_text()
+            log = Path(log_path.strip()).read_text(errors="replace")[-2000:]
+            raise AssertionError(f"the gateway outlived its parent:\n{status}\n{log}")
+    finally:
+        parent.kill()
+        parent.wait()
+        if "pid" in locals() and process_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def process_alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+# In-process app (no server): where the work runs, and the bounded queue.
+
+
+class SlowBackend:
+    """The digits backend, each full-model call blocking until ``release`` is set."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.provider = backend.provider
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def check(self, batch):
+        return self._backend.check(batch)
+
+    def full_probabilities(self, batch):
+        self.entered.set()
+        self.release.wait(30)
+        return self._backend.full_probabilities(batch)
+
+
+def asgi_client(app):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+
+
+def test_decoding_runs_off_the_event_loop(monkeypatch, digits_spec, digits_backend, digits_eval):
+    import asyncio
+
+    import targets.gateway as gateway_module
+
+    threads = []
+    decode = gateway_module.decode_infer_request
+
+    def recording_decode(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(gateway_module, "decode_infer_request", recording_decode)
+    app = gateway_module.create_app(digits_spec, digits_backend, None)
+
+    async def main():
+        async with asgi_client(app) as client:
+            response = await client.post("/v2/models/digits/infer", json=infer_body(digits_eval[0][:2]))
+            return response.status_code, threading.get_ident()
+
+    status, loop_thread = asyncio.run(main())
+    assert status == 200 and threads and loop_thread not in threads
+
+
+def test_a_full_queue_answers_503_with_retry_after(digits_spec, digits_backend, digits_eval):
+    import asyncio
+
+    from targets.gateway import GatewaySettings, create_app
+
+    slow = SlowBackend(digits_backend)
+    app = create_app(digits_spec, slow, None, GatewaySettings(max_concurrency=1, max_queue=2))
+    body = infer_body(digits_eval[0][:1])
+
+    async def main():
+        async with asgi_client(app) as client:
+            first = [asyncio.create_task(client.post("/v2/models/digits/infer", json=body)) for _ in range(2)]
+            while not slow.entered.is_set():
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v2/models/digits/infer", json=body)
+            slow.release.set()
+            answered = [(await task).status_code for task in first]
+            metrics = (await client.get("/metrics")).text
+            return refused, answered, metrics
+
+    refused, answered, metrics = asyncio.run(main())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "2 requests already queued" in refused.json()["error"]
+    assert answered == [200, 200]
+    assert 'outcome="overloaded"} 1.0' in metrics
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_and_forgotten(start_gateway, digits_eval):
+    gateway = start_gateway("--controller", "bio")
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n"
+    for _ in range(5):
+        raw_request(gateway.host_port, head, b'{"inputs": [').close()
+    deadline = time.monotonic() + 10
+    while 'outcome="client_gone"} 5.0' not in httpx.get(f"{gateway.url}/metrics").text:
+        assert time.monotonic() < deadline, httpx.get(f"{gateway.url}/metrics").text
+        time.sleep(0.1)
+    assert httpx.get(f"{gateway.url}/v2/controller").json()["in_flight"] == 0
+    response = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]))
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "text", "datatype": "BYTES", "shape": [1], "data": ["good"], "parameters": "x"},
+         "input 'parameters'"),
+        ({"name": "text", "datatype": "BYTES", "shape": [1], "data": ["good"], "parameters": [1]},
+         "input 'parameters'"),
+        ({"name": "text", "datatype": "BYTES", "shape": [1], "data": [5]}, "list of strings"),
+        ({"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a"]}, "holds 1 strings"),
+    ],
+)
+def test_text_input_parts_are_checked_too(entry, message):
+    """The BYTES (text) path, with a stand-in tokenizer: no text model needed."""
+    from targets.errors import InputError
+    from targets.kserve import ProtocolError, decode_infer_request
+
+    def tokenize(texts):
+        if not all(isinstance(t, str) for t in texts):
+            raise InputError("text input must be a non-empty list of strings")
+        return np.zeros((len(texts), 4), dtype=np.int64)
+
+    body = json.dumps({"inputs": [entry]}).encode()
+    with pytest.raises(InputError, match=message):
+        decode_infer_request(body, None, "input_ids", np.dtype(np.int64), 256, tokenize)
+    assert issubclass(ProtocolError, InputError)
+
+
+def test_sigterm_right_after_the_ready_line_stops_the_gateway():
+    """The ready line is printed once uvicorn's own signal handlers are in place: a SIGTERM at
+    once drains and exits 0 (it once raised KeyboardInterrupt inside the starting event loop, and
+    the gateway hung about one time in six)."""
+    import signal
+    import subprocess
+    import sys
+
+    for _ in range(8):
+        process = subprocess.Popen([sys.executable, "-m", "green_mlops.cli", "serve", "--port", "0",
+                                    "--energy", "off", "--controller", "off"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert "listening on" in process.stdout.readline()
+            process.send_signal(signal.SIGTERM)
+            out, _ = process.communicate(timeout=30)
+            assert process.returncode == 0 and "stopped" in out, out
+        finally:
+            process.kill()
+            process.communicate()

@@ -1,7 +1,9 @@
 """Path B: the Triton repository, a real Triton server, the adapter, and the gateway in front."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 import threading
 import time
 
@@ -210,3 +212,132 @@ def test_triton_up_serves_until_sigterm(local_triton, triton_repo):
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 0 and "tritonserver stopped" in out
+
+
+# --- Hardening: the batch limit, no orphan server, the install message
+
+
+def test_batch_above_max_batch_size_is_a_400_naming_the_limit(fake_triton, start_gateway, digits_eval):
+    triton = fake_triton(max_batch_size=4)
+    gateway = start_gateway("--backend", "triton", "--triton-url", triton.url, "--controller", "off",
+                            "--triton-timeout-s", "2")
+    x = digits_eval[0][:5]
+    body = {"inputs": [{"name": "x", "shape": [5, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    response = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=body, timeout=30)
+    assert response.status_code == 400 and "retry-after" not in response.headers
+    assert "max_batch_size of 4" in response.json()["error"]
+    assert triton.infers == 0  # refused at the edge, never sent
+
+
+def test_real_triton_batch_above_its_limit_is_a_400(triton_server, start_gateway, digits_eval):
+    gateway = start_gateway("--backend", "triton", "--triton-url", triton_server.url, "--controller", "off")
+    x = digits_eval[0][:65]  # the repository's max_batch_size is 64
+    body = {"inputs": [{"name": "x", "shape": [65, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
+    response = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=body, timeout=30)
+    assert response.status_code == 400 and "max_batch_size of 64" in response.json()["error"]
+    body["inputs"][0].update(shape=[64, 1, 8, 8], data=x[:64].ravel().tolist())
+    assert httpx.post(f"{gateway.url}/v2/models/digits/infer", json=body, timeout=30).status_code == 200
+
+
+def children_named(pid: int, name: str) -> list[int]:
+    """Live processes called ``name`` whose parent is ``pid``."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        if comm == name and int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_triton_up(triton_repo):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "green_mlops.cli", "triton", "up", "--repo", str(triton_repo),
+                             "--http-port", "0", "--metrics-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_server_child(process, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = children_named(process.pid, "tritonserver")
+        if found:
+            return found[0]
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    raise AssertionError("tritonserver never started")
+
+
+@pytest.mark.parametrize("sig_name", ["SIGINT", "SIGTERM"])
+def test_interrupting_triton_up_while_it_starts_leaves_no_server(local_triton, triton_repo, sig_name):
+    import signal
+
+    process = start_triton_up(triton_repo)
+    server = None
+    try:
+        server = wait_for_server_child(process)
+        process.send_signal(getattr(signal, sig_name))  # Triton needs seconds to load three models
+        out, err = process.communicate(timeout=60)
+        if "tritonserver ready" not in out:
+            assert process.returncode == 130 and "interrupted" in err
+        deadline = time.monotonic() + 30
+        while alive(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(server), "tritonserver was orphaned"
+    finally:
+        process.kill()
+        process.communicate()
+        if server is not None and alive(server):
+            os.kill(server, signal.SIGKILL)
+
+
+def test_killing_triton_up_leaves_no_server(local_triton, triton_repo):
+    import signal
+
+    process = start_triton_up(triton_repo)
+    server = None
+    try:
+        assert "tritonserver ready" in process.stdout.readline()
+        server = wait_for_server_child(process)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+        deadline = time.monotonic() + 30
+        while alive(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(server), "tritonserver outlived a SIGKILLed parent"
+    finally:
+        process.kill()
+        process.communicate()
+        if server is not None and alive(server):
+            os.kill(server, signal.SIGKILL)
+
+
+def test_install_says_when_everything_is_already_installed(local_triton, tmp_path):
+    from targets.triton_server import install_venv, installed, triton_venv
+
+    if not installed(triton_venv()):
+        pytest.skip("the Triton venv is not complete here")
+    lines: list[str] = []
+    assert install_venv(triton_venv(), log=lines.append) == triton_venv()
+    assert len(lines) == 1 and "already installed" in lines[0] and "400 MB" not in lines[0]
+    # A venv without nvidia-pytriton is not "installed".
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    assert not installed(tmp_path)
