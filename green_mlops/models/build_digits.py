@@ -235,7 +235,8 @@ def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
         for k, stage in enumerate(stages, start=1):
             last = k == len(stages)
             outputs = ["logits"] if last else ["exit_logits", "hidden"]
-            inputs = ["x"] if k == 1 else ["hidden"]
+            # A graph cannot take and give the same name: later stages take "hidden_in".
+            inputs = ["x"] if k == 1 else ["hidden_in"]
             _export(torch, stage, hidden, out_dir / f"stage{k}.onnx", inputs, outputs)
             stage_entries.append({"file": f"stage{k}.onnx", "inputs": inputs, "outputs": outputs})
             if not last:
