@@ -74,3 +74,13 @@ def test_oracle_is_the_earliest_exit_with_the_full_models_answer(tmp_path):
         assert answers[stage - 1][i] == full[i]
         assert all(answers[k][i] != full[i] for k in range(stage - 1))
     assert oracle.stage_accuracy == [float(np.mean(a == y)) for a in answers]
+
+
+def test_exit_depth_plot_reads_only_the_recorded_figures():
+    from reports.depth_plot import exit_depth_png
+
+    ladder = {"n_stages": 3, "depth_histogram": {"1": 70, "2": 20, "3": 10}, "mean_depth": 1.4,
+              "oracle_depth_histogram": {"1": 90, "2": 5, "3": 5}, "oracle_mean_depth": 1.15,
+              "stage_accuracy_heldout": [0.9, 0.95, 0.97]}
+    png = exit_depth_png(ladder)
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
