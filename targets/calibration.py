@@ -112,11 +112,13 @@ def _validation_outputs(spec: ModelSpec, backend) -> tuple[LadderOutputs, np.nda
         return _CACHE[key], y
 
 
-def calibration_for(spec: ModelSpec, measure: str, backend=None) -> ExitCalibration:
+def calibration_for(spec: ModelSpec, measure: str, backend=None, rule=None) -> ExitCalibration:
     """u* per exit of ``spec`` for ``measure`` (see the module docstring for the order).
 
     ``backend`` (anything with ``n_stages``, ``check`` and ``stage``) runs the validation split
     when calibration is computed; an ONNX Runtime CPU target is made when none is given.
+    ``rule(outputs, labels, measure) -> u* per exit`` is the calibration rule (default
+    :func:`calibrate_exits`; its ``__doc__``'s first line is recorded as the method).
     """
     if measure not in UNCERTAINTIES:
         raise ConfigError(f"unknown uncertainty '{measure}'; known: {', '.join(UNCERTAINTIES)}")
@@ -132,7 +134,9 @@ def calibration_for(spec: ModelSpec, measure: str, backend=None) -> ExitCalibrat
             f"(model.json: controller.calibration.{measure}) and has no validation split (validation.npz) "
             "to calibrate on: add one, or set tau_inf explicitly")
     outputs, y = _validation_outputs(spec, backend)
-    return ExitCalibration(measure, calibrate_exits(outputs, y, measure), "validation.npz", METHOD, len(y))
+    rule = rule or calibrate_exits
+    method = METHOD if rule is calibrate_exits else (rule.__doc__ or rule.__name__).strip().splitlines()[0]
+    return ExitCalibration(measure, tuple(rule(outputs, y, measure)), "validation.npz", method, len(y))
 
 
 def calibrator(spec: ModelSpec, backend=None):
