@@ -54,6 +54,7 @@ def run_validate(args) -> int:
     backend = OnnxRuntimeTarget(spec, device=args.device)
     config = controller_config(args, spec, backend)
     x, y = spec.load_eval()
+    x_validation = spec.load_validation()[0] if args.sweep else None  # sweep points come from it: fail early
     order = request_order(len(x), args.requests, min_requests=2000)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = make_results_dir(args.results or Path(f"results/{stamp}-validate"))
@@ -86,7 +87,7 @@ def run_validate(args) -> int:
 
     if args.sweep:
         # Points chosen on the validation split; measured on held-out, interleaved with standard.
-        taus = sweep_taus(backend, spec.load_validation()[0], config, args.sweep_points)
+        taus = sweep_taus(backend, x_validation, config, args.sweep_points)
         sweep_order = order[: len(x)]
         with Progress(console=stderr, transient=True) as progress:
             task = progress.add_task("τ∞ sweep ⇄ standard", total=len(sweep_order))
