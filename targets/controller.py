@@ -228,6 +228,8 @@ class BioController:
             return {
                 "t_s": self.elapsed_s(),
                 "tau": self.tau(),
+                "tau_per_exit": ([self.tau(None, k) for k in range(1, len(self.config.exit_tau_inf) + 1)]
+                                 if self.config.exit_tau_inf else None),
                 "energy_norm": self.energy_norm(),
                 "energy_source": self._energy_source,
                 "energy_j_per_request": self._energy_j_per_request,
