@@ -166,7 +166,7 @@ class FallbackBackend:
     def __init__(self, primary, fallback):
         self.primary, self.fallback = primary, fallback
         self.provider = f"{primary.provider} (fallback {fallback.provider})"
-        self.n_stages = primary.n_stages
+        self.n_stages = fallback.n_stages  # both serve the same model
         self.fallbacks = 0
 
     def check(self, batch):
