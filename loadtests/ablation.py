@@ -205,9 +205,10 @@ def run_ablation(
 def sweep_taus(backend: EarlyExitBackend, x_validation: np.ndarray, config: ControllerConfig,
                n_points: int) -> list[float]:
     """Sweep points chosen on the validation split: τ = α·(1 − q) for ``n_points`` quantiles q
-    (10 %…90 %) of the uncertainties the validation rows show at every exit (pooled)."""
+    (10 %…90 %) of the uncertainty the validation rows show at the first exit (every row
+    reaches it; with one τ at every exit it decides most of the admission rate)."""
     outputs = ladder_outputs(backend, x_validation)
-    u = np.concatenate([uncertainty(p, config.uncertainty) for p in outputs.exits])
+    u = uncertainty(outputs.exits[0], config.uncertainty)
     quantiles = np.quantile(u, np.linspace(0.1, 0.9, n_points))
     return sorted({round(config.alpha * (1 - q), 4) for q in quantiles})
 
