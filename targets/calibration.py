@@ -15,8 +15,9 @@ silently for another measure.
 The rule (``METHOD``): exits are calibrated in ladder order on the validation rows that reach
 them (those not leaving at an earlier exit). At exit k the rows are sorted by u_k; rows leave while
 u_k < u*_k (the controller's rule at steady state with ê = ĉ = 0), and u*_k is set so that the rows
-leaving are the longest prefix before the first row the exit gets wrong where the full model is
-right (rows it fixes elsewhere do not offset those); u* = 1 lets every row leave, 0 none.
+leaving are the longest prefix before the first row whose exit answer differs from the full
+model's (so on the validation split the ladder answers exactly as the full model does; the labels
+are not needed); u* = 1 lets every row leave, 0 none.
 A later, certified rule (a Learn-then-Test budget) replaces :func:`calibrate_exits` by
 another function with the same inputs and output; nothing else changes.
 """
@@ -32,7 +33,7 @@ from targets.controller_config import UNCERTAINTIES
 from targets.errors import ConfigError
 from targets.model_dir import ModelSpec
 
-METHOD = "sequential, no error added to the full model's on the validation rows reaching each exit"
+METHOD = "sequential, no change to the full model's answer on the validation rows reaching each exit"
 
 
 @dataclass(frozen=True)
@@ -67,19 +68,21 @@ def ladder_outputs(backend, x: np.ndarray, batch: int = 256) -> LadderOutputs:
 
 
 def calibrate_exits(outputs: LadderOutputs, labels: np.ndarray, measure: str) -> tuple[float, ...]:
-    """u* per exit by ``METHOD`` (see the module docstring)."""
-    full_ok = outputs.final.argmax(1) == labels
+    """u* per exit by ``METHOD`` (see the module docstring); ``labels`` are unused by this rule
+    (it compares with the full model), but part of the signature every rule shares."""
+    full_answer = outputs.final.argmax(1)
     reaching = np.ones(len(labels), dtype=bool)
     u_star = []
     for exit_probabilities in outputs.exits:
         u = uncertainty(exit_probabilities, measure)
-        exit_ok = exit_probabilities.argmax(1) == labels
+        exit_answer = exit_probabilities.argmax(1)
         rows = np.flatnonzero(reaching)
         order = rows[np.argsort(u[rows], kind="stable")]
-        # Errors added if the first i rows (by u) left here: the exit wrong where the full model is
-        # right. Rows the exit gets right and the full model wrong do not offset them: offsetting
-        # let exit 1 of digits take 1.56 pp on held-out data while "losing nothing" on validation.
-        net = np.cumsum((full_ok[order] & ~exit_ok[order]).astype(int))
+        # Rows whose answer would change if the first i rows (by u) left here: the exit disagrees
+        # with the full model. Measured on digits' held-out set, stricter rules lose less: errors
+        # added net of errors fixed cost 0.93-1.56 pp, errors added alone 0.67-0.89 pp, any
+        # disagreement 0.00 pp (180 validation rows; the labels barely constrain the tail).
+        net = np.cumsum(exit_answer[order] != full_answer[order])
         u_sorted = u[order]
         # A cut must not split tied u values: only the last row of each tie group is a cut.
         cut_ok = np.append(u_sorted[1:] != u_sorted[:-1], True) if len(order) else np.array([], bool)
