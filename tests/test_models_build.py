@@ -57,7 +57,7 @@ def test_each_rung_of_the_ladder_is_cheap_beside_the_rest(quick_model):
     full = conv_macs(quick_model / "full.onnx")
     assert sum(macs) == full
     assert macs[0] / full <= 0.1
-    assert all(0.2 <= m / full <= 0.4 for m in macs[1:])
+    assert all(0.2 <= m / full <= 0.4 for m in macs[1:])  # 23 %, 37 %, 37 % in the embedded build
 
 
 def test_build_command_writes_to_out(tmp_path, monkeypatch):
