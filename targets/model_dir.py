@@ -297,6 +297,11 @@ def load_model_dir(directory: str | Path, check_graphs: bool = True) -> ModelSpe
     if not isinstance(meta, dict):
         raise ModelDirError(f"{where} must hold a JSON object")
 
+    for key in ("full", "input", "classes"):
+        if key not in meta:
+            raise ModelDirError(f"{where}: missing key '{key}'")
+    if "stages" not in meta and not ("stage1" in meta and "stage2" in meta):
+        raise ModelDirError(f"{where}: missing key 'stages' (or 'stage1' and 'stage2' for two stages)")
     name = meta.get("name", directory.name)
     if not isinstance(name, str) or not MODEL_NAME.match(name):
         raise _fail(where, "name", f"must be letters, digits, '_', '.' or '-' (a URL segment, no '/'), got {name!r}")
