@@ -122,11 +122,14 @@ CONTROLLER_FLAGS = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "unc
                     "skip_action", "capacity", "slo_ms")
 
 
-def controller_config(args, spec):
+def controller_config(args, spec, backend=None):
+    """The controller's config: its thresholds calibrated per exit and per uncertainty measure on
+    the model's validation split unless model.json or the user gives them (targets.calibration)."""
+    from targets.calibration import calibrator
     from targets.controller_config import build_config
 
     overrides = {name: getattr(args, name) for name in CONTROLLER_FLAGS}
-    return build_config(spec.controller_hints, args.config, overrides)
+    return build_config(spec.controller_hints, args.config, overrides, calibration=calibrator(spec, backend))
 
 
 def _positive_int(text: str) -> int:

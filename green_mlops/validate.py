@@ -17,13 +17,12 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
 from green_mlops.cli import EXIT_GATE, controller_config, make_results_dir, open_energy, stderr
 from green_mlops.models import resolve_model
-from loadtests.ablation import request_order, run_ablation, run_sweep
+from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
 from loadtests.runner import LoadSpec, run_scenario
 from profilers.profiler import Sampler
 from reports.ablation import print_summary, print_sweep, summarise
@@ -36,6 +35,9 @@ from targets.ort_target import OnnxRuntimeTarget
 def _toml(config: dict) -> str:
     lines = ["[controller]"]
     for key, value in config.items():
+        if value is None:
+            continue  # TOML has no null: an unset optional setting is left out
+        value = list(value) if isinstance(value, tuple) else value
         lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value!r}")
     return "\n".join(lines) + "\n"
 
@@ -52,9 +54,10 @@ def run_validate(args) -> int:
     if args.mlflow:
         require_mlflow()  # before the run: a missing extra must not cost a whole validation
     spec = resolve_model(args.model)
-    config = controller_config(args, spec)
     backend = OnnxRuntimeTarget(spec, device=args.device)
+    config = controller_config(args, spec, backend)
     x, y = spec.load_eval()
+    x_validation = spec.load_validation()[0] if args.sweep else None  # sweep points come from it: fail early
     order = request_order(len(x), args.requests, min_requests=2000)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = make_results_dir(args.results or Path(f"results/{stamp}-validate"))
@@ -81,14 +84,17 @@ def run_validate(args) -> int:
             profiler.close()
     summary = summarise(result, backend.provider, spec.name, asdict(config))
     print_summary(summary, console)
+    summary["ladder"] = ladder_figures(result, _calibration(spec, config, args, backend))
+    for line in ladder_lines(summary["ladder"]):
+        console.print(line, highlight=False, markup=False)
 
     if args.sweep:
-        u = result.bio.u or [0.5]
-        quantiles = np.linspace(0.1, 0.9, args.sweep_points)
-        taus = sorted({round(config.alpha * (1 - q), 4) for q in np.quantile(u, quantiles)})
+        # Points chosen on the validation split; measured on held-out, interleaved with standard.
+        taus = sweep_taus(backend, x_validation, config, args.sweep_points)
+        sweep_order = order[: len(x)]
         with Progress(console=stderr, transient=True) as progress:
-            task = progress.add_task("τ∞ sweep", total=len(taus))
-            summary["sweep"] = run_sweep(backend, config, taus, x, y, order[: len(x)],
+            task = progress.add_task("τ∞ sweep ⇄ standard", total=len(sweep_order))
+            summary["sweep"] = run_sweep(backend, config, taus, x, y, sweep_order,
                                          progress=lambda n: progress.update(task, completed=n))
         print_sweep(summary["sweep"], summary["standard"], console)
 
@@ -127,6 +133,15 @@ def _print_dashboard_url(console: Console):
         if "dashboard http" in line:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
     return echo
+
+
+def _calibration(spec, config, args, backend):
+    """The per-exit calibration the controller uses, unless the user set τ∞ explicitly."""
+    from targets.calibration import calibration_for
+    from targets.controller_config import read_toml
+
+    explicit = args.tau_inf is not None or (args.config is not None and "tau_inf" in read_toml(args.config))
+    return None if explicit else calibration_for(spec, config.uncertainty, backend)
 
 
 def _load_test(args, spec, config, results: Path, console: Console) -> dict:

@@ -1,8 +1,11 @@
 """A controller wrapped around any early-exit backend: the unit the gateway serves and benchmarks time.
 
-With a controller, a batch runs stage 1 once, each row is decided, and stage 2 runs only on the
-admitted rows' hidden states, so no work is done twice. Without one (``controller=None``) every
-row runs the full model: the *standard* path of the paper's ablation.
+With a controller, a batch runs the ladder stage by stage: after each exit every row still
+running is decided (continue, or leave with that exit's answer or the skip action), and the rows
+that continue go on together as one sub-batch of hidden states, so no work is done twice. A
+two-stage model is the ladder with one exit. Without a controller (``controller=None``) every
+row runs the full model: the *standard* path of the paper's ablation. Every stage run and every
+decision happens inside ``predict``, so a caller timing it times them all.
 """
 from __future__ import annotations
 
@@ -13,25 +16,33 @@ from typing import Protocol
 import numpy as np
 
 from targets.controller import ACTION_CACHE, ACTION_FULL, ACTION_REJECT, BioController, Decision, input_key, uncertainty
+from targets.errors import ConfigError
 
 
 class EarlyExitBackend(Protocol):
-    """What the controlled target needs of a backend (ONNX Runtime in-process, Triton, ...)."""
+    """What the controlled target needs of a backend (ONNX Runtime in-process, Triton, ...).
+
+    ``stage(i, x)`` runs stage ``i`` (0-based) of the ladder: ``(exit probabilities, hidden)``,
+    or ``(final probabilities, None)`` for the last of the ``n_stages`` stages.
+    """
 
     provider: str
+    n_stages: int
 
     def check(self, batch) -> np.ndarray: ...
     def full_probabilities(self, batch: np.ndarray) -> np.ndarray: ...
-    def stage1(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-    def stage2(self, hidden: np.ndarray) -> np.ndarray: ...
+    def stage(self, index: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One row's answer: probabilities (None when rejected) and the controller's decision."""
+    """One row's answer: probabilities (None when rejected), the controller's last decision for
+    it, and the stage it left after (1-based; ``n_stages`` when it ran the whole ladder, None on
+    the standard path)."""
 
     probabilities: np.ndarray | None
     decision: Decision | None
+    stage: int | None = None
 
     @property
     def action(self) -> str:
@@ -49,6 +60,11 @@ class ControlledTarget:
         self.backend = backend
         self.controller = controller
         self.track_load = track_load
+        self.n_stages = backend.n_stages
+        per_exit = controller.config.exit_tau_inf if controller is not None else None
+        if per_exit is not None and len(per_exit) != self.n_stages - 1:
+            raise ConfigError(f"controller.exit_tau_inf lists {len(per_exit)} thresholds but the model has "
+                              f"{self.n_stages - 1} exit(s)")
 
     @property
     def provider(self) -> str:
@@ -73,24 +89,41 @@ class ControlledTarget:
                 controller.request_finished(latency_ms)
 
     def _controlled(self, batch: np.ndarray, controller: BioController) -> list[Outcome]:
-        exit_probabilities, hidden = self.backend.stage1(batch)
-        u = uncertainty(exit_probabilities, controller.config.uncertainty)
+        backend, n_stages, n = self.backend, self.n_stages, len(batch)
+        kind = controller.config.uncertainty
         use_cache = controller.config.skip_action == ACTION_CACHE
-        keys = [input_key(row) for row in batch] if use_cache else [None] * len(batch)
-        decisions = [controller.decide(float(u[i]), keys[i]) for i in range(len(batch))]
-        admitted = [i for i, d in enumerate(decisions) if d.admitted]
-        answers: list[np.ndarray | None] = list(exit_probabilities)
-        if admitted:
-            full = self.backend.stage2(hidden[admitted])
-            for row, i in enumerate(admitted):
-                answers[i] = full[row]
-                if use_cache:
-                    controller.remember(keys[i], full[row])
-        for i, decision in enumerate(decisions):
-            if decision.action == ACTION_REJECT:
-                answers[i] = None
-            elif decision.action == ACTION_CACHE:
-                cached = controller.cached(keys[i])
-                # Evicted between decision and lookup: the exit head's answer still stands.
-                answers[i] = exit_probabilities[i] if cached is None else cached
-        return [Outcome(answers[i], decisions[i]) for i in range(len(batch))]
+        keys = [input_key(row) for row in batch] if use_cache else [None] * n
+        answers: list[np.ndarray | None] = [None] * n
+        decisions: list[Decision | None] = [None] * n
+        left_at = [n_stages] * n
+        running = list(range(n))  # original row of each row of `x`
+        x = batch
+        for index in range(n_stages):
+            probabilities, hidden = backend.stage(index, x)
+            if index == n_stages - 1:
+                for r, i in enumerate(running):
+                    answers[i] = probabilities[r]
+                    if use_cache:
+                        controller.remember(keys[i], probabilities[r])
+                break
+            u = uncertainty(probabilities, kind)
+            last_exit = index == n_stages - 2
+            going_on = []
+            for r, i in enumerate(running):
+                decision = controller.decide(float(u[r]), keys[i], index + 1, last_exit)
+                decisions[i] = decision
+                if decision.admitted:
+                    going_on.append(r)
+                    continue
+                left_at[i] = index + 1
+                if decision.action == ACTION_CACHE:
+                    cached = controller.cached(keys[i])
+                    # Evicted between decision and lookup: the exit's answer still stands.
+                    answers[i] = probabilities[r] if cached is None else cached
+                elif decision.action != ACTION_REJECT:
+                    answers[i] = probabilities[r]
+            if not going_on:
+                break
+            running = [running[r] for r in going_on]
+            x = hidden if len(going_on) == len(hidden) else hidden[going_on]
+        return [Outcome(answers[i], decisions[i], left_at[i]) for i in range(n)]

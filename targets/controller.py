@@ -10,9 +10,13 @@ For each request::
 * ``ĉ`` in [0, 1]: congestion, ``max((in_flight − 1)/capacity, p95_recent_ms/slo_ms)`` clipped.
 * ``t``: seconds since the controller started, on an injectable clock.
 
-A request that is not admitted takes the configured skip action: ``exit`` (the exit head's
-answer), ``cache`` (an earlier full answer for the same input, else the exit head's) or
-``reject`` (no answer). All methods are thread-safe.
+Over a ladder of exits the same rule runs at every exit k, with that exit's uncertainty u_k and
+threshold τ_k(t) = τ∞_k + (τ0 − τ∞_k)·e^(−k·t) (τ∞_k calibrated per exit, see
+:mod:`targets.calibration`): J ≤ τ_k means the row *continues* to the next stage (at the last exit:
+the full model's final stage runs). A row that does not continue takes the configured skip action
+there: ``exit`` (that exit's answer), ``cache`` (an earlier full answer for the same input, else
+the exit's) or ``reject`` (no answer). Every decision records the exit it was made at.
+All methods are thread-safe.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import numpy as np
 from targets.controller_config import ControllerConfig
 
 ACTION_FULL, ACTION_EXIT, ACTION_CACHE, ACTION_REJECT = "full", "exit", "cache", "reject"
+ACTION_CONTINUE = "continue"  # a ladder row goes on to the next stage (not yet its final decision)
 P95_REFRESH_EVERY = 16  # finished requests between recomputations of the recent p95
 
 
@@ -62,7 +67,11 @@ def input_key(row: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the controller did for one request, and the signals it rested on."""
+    """What the controller did for one request at one exit, and the signals it rested on.
+
+    ``exit_index`` is the exit (1-based: exit 1 follows stage 1) the decision was made at;
+    ``admitted`` means the row goes on past it.
+    """
 
     t_s: float
     u: float
@@ -73,6 +82,7 @@ class Decision:
     tau: float
     admitted: bool
     action: str
+    exit_index: int = 1
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -101,18 +111,20 @@ class BioController:
         self._recent_admitted: deque[bool] = deque(maxlen=config.latency_window)
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._external_congestion = 0.0
-        self.decisions = 0
-        self.admitted = 0
+        self.decisions = 0  # rows decided for good (left at an exit, or ran the full ladder)
+        self.admitted = 0  # of those, rows that ran the full ladder
+        self.exit_decisions = 0  # every decision at every exit
 
     # --- signals -------------------------------------------------------------------------
     def elapsed_s(self) -> float:
         return self._clock() - self._started_s
 
-    def tau(self, elapsed_s: float | None = None) -> float:
-        """τ(t) at ``elapsed_s`` seconds since start (now when omitted)."""
+    def tau(self, elapsed_s: float | None = None, exit_index: int = 1) -> float:
+        """τ_k(t) of exit ``exit_index`` at ``elapsed_s`` seconds since start (now when omitted)."""
         c = self.config
         t = self.elapsed_s() if elapsed_s is None else elapsed_s
-        return c.tau_inf + (c.tau0 - c.tau_inf) * math.exp(-c.k_per_s * max(t, 0.0))
+        tau_inf = c.tau_inf_at(exit_index)
+        return tau_inf + (c.tau0 - tau_inf) * math.exp(-c.k_per_s * max(t, 0.0))
 
     def energy_norm(self) -> float:
         """ê: the energy-per-request EWMA over ``energy_ref_j``, clipped to [0, 1]; 0 if unmeasured."""
@@ -160,20 +172,23 @@ class BioController:
                 self._since_p95 = 0
 
     # --- decisions -----------------------------------------------------------------------
-    def decide(self, u: float, key: bytes | None = None) -> Decision:
-        """Admit or skip one request whose exit head has uncertainty ``u``.
+    def decide(self, u: float, key: bytes | None = None, exit_index: int = 1, last_exit: bool = True) -> Decision:
+        """Decide at exit ``exit_index`` for one row whose exit head there has uncertainty ``u``:
+        continue (admitted) or leave with the skip action.
 
-        ``key`` (see :func:`input_key`) is needed only by the ``cache`` skip action.
+        ``last_exit``: this is the ladder's last exit, so continuing means the full model's answer
+        (action ``full``); elsewhere continuing is action ``continue``. ``key`` (see
+        :func:`input_key`) is needed only by the ``cache`` skip action.
         """
         c = self.config
         with self._lock:
             elapsed = self.elapsed_s()
-            tau = self.tau(elapsed)
+            tau = self.tau(elapsed, exit_index)
             energy, congestion = self.energy_norm(), self.congestion()
             j = c.alpha * (1.0 - u) + c.beta * energy + c.gamma * congestion
             admitted = j <= tau
             if admitted:
-                action = ACTION_FULL
+                action = ACTION_FULL if last_exit else ACTION_CONTINUE
             elif c.skip_action == ACTION_CACHE and key is not None and key in self._cache:
                 self._cache.move_to_end(key)
                 action = ACTION_CACHE
@@ -181,11 +196,13 @@ class BioController:
                 action = ACTION_REJECT
             else:
                 action = ACTION_EXIT
-            self.decisions += 1
-            self.admitted += admitted
-            self._recent_admitted.append(admitted)
+            self.exit_decisions += 1
+            if action != ACTION_CONTINUE:
+                self.decisions += 1
+                self.admitted += admitted
+                self._recent_admitted.append(admitted)
             decision = Decision(elapsed, float(u), energy, self._energy_source, congestion,
-                                float(j), tau, bool(admitted), action)
+                                float(j), tau, bool(admitted), action, exit_index)
         if self._on_decision is not None:
             self._on_decision(decision)
         return decision
@@ -211,6 +228,8 @@ class BioController:
             return {
                 "t_s": self.elapsed_s(),
                 "tau": self.tau(),
+                "tau_per_exit": ([self.tau(None, k) for k in range(1, len(self.config.exit_tau_inf) + 1)]
+                                 if self.config.exit_tau_inf else None),
                 "energy_norm": self.energy_norm(),
                 "energy_source": self._energy_source,
                 "energy_j_per_request": self._energy_j_per_request,
@@ -219,6 +238,7 @@ class BioController:
                 "p95_recent_ms": self._p95_ms,
                 "decisions": self.decisions,
                 "admitted": self.admitted,
+                "exit_decisions": self.exit_decisions,
                 "admission_rate_recent": (sum(recent) / len(recent)) if recent else None,
                 "cache_entries": len(self._cache),
                 "config": asdict(self.config),

@@ -1,7 +1,11 @@
 """Controller parameters: documented defaults, a TOML file's ``[controller]`` table, CLI flags.
 
-Precedence, lowest first: defaults, the model's calibration hint (``model.json`` →
-``controller.uncertainty_skip_below`` sets τ∞ = α·(1 − u*)), the TOML file, explicit flags.
+Precedence, lowest first: defaults, the model's calibration (per exit k, for the uncertainty
+measure in use: τ∞_k = α·(1 − u*_k), see :mod:`targets.calibration`), the TOML file, explicit
+flags. An explicit ``tau_inf`` (flag or file) without ``exit_tau_inf`` applies at every exit.
+A model whose only calibration is the legacy entropy threshold (``uncertainty_skip_below``) is an
+error with another measure unless ``tau_inf`` is given: never the entropy threshold for a
+different measure.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable, Sequence
 
 from targets.errors import ConfigError
 
@@ -35,6 +40,13 @@ class ControllerConfig:
     energy_ref_j: float = 1.0  # joules per request that count as ê = 1
     energy_ewma_weight: float = 0.2  # weight of the newest reading in the energy EWMA
     cache_size: int = 4096  # entries of the LRU answer cache (skip action 'cache')
+    exit_tau_inf: tuple[float, ...] | None = None  # τ∞ per exit (ladders); None: tau_inf at every exit
+
+    def tau_inf_at(self, exit_index: int) -> float:
+        """τ∞ of exit ``exit_index`` (1-based)."""
+        if self.exit_tau_inf and 1 <= exit_index <= len(self.exit_tau_inf):
+            return self.exit_tau_inf[exit_index - 1]
+        return self.tau_inf
 
     def __post_init__(self):
         numbers = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "slo_ms", "energy_ref_j",
@@ -45,6 +57,13 @@ class ControllerConfig:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"controller.{name} must be a finite number, got {value!r}")
+        if self.exit_tau_inf is not None:
+            values = self.exit_tau_inf
+            if (not isinstance(values, (list, tuple)) or not values or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+                raise ConfigError(f"controller.exit_tau_inf must be a list of finite numbers (one per exit), "
+                                  f"got {values!r}")
+            object.__setattr__(self, "exit_tau_inf", tuple(float(v) for v in values))
         if self.tau0 is None:
             object.__setattr__(self, "tau0", self.alpha + self.beta + self.gamma)
         for name in ("alpha", "beta", "gamma", "k_per_s"):
@@ -97,21 +116,50 @@ def build_config(
     model_hints: dict | None = None,
     toml_path: str | Path | None = None,
     overrides: dict | None = None,
+    calibration: Callable[[str], Sequence[float]] | None = None,
 ) -> ControllerConfig:
-    """Resolve a ControllerConfig from defaults, model hints, a TOML file and flag overrides."""
+    """Resolve a ControllerConfig from defaults, the model's calibration, a TOML file and flag
+    overrides (see the module docstring).
+
+    ``calibration(measure)`` returns u* per exit for an uncertainty measure (it may compute them
+    on the validation split); without it, the legacy hint ``uncertainty_skip_below`` in
+    ``model_hints`` (entropy, one exit) is used.
+    """
     values: dict = {}
     if toml_path is not None:
         values.update(read_toml(toml_path))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "tau_inf" in flags and "exit_tau_inf" not in flags:
+        values.pop("exit_tau_inf", None)  # an explicit flag τ∞ holds at every exit
+    values.update(flags)
     unknown = set(values) - set(FIELD_NAMES)
     if unknown:
         raise ConfigError(f"unknown controller setting(s) {sorted(unknown)}; known: {', '.join(FIELD_NAMES)}")
-    skip_below = (model_hints or {}).get("uncertainty_skip_below")
-    if "tau_inf" not in values and isinstance(skip_below, (int, float)):
+    if "tau_inf" not in values:
         alpha = values.get("alpha", ControllerConfig.alpha)
-        if isinstance(alpha, (int, float)):
-            values["tau_inf"] = alpha * (1.0 - float(skip_below))
+        measure = values.get("uncertainty", ControllerConfig.uncertainty)
+        u_star = _model_u_star(model_hints or {}, measure, calibration)
+        if u_star is not None and isinstance(alpha, (int, float)):
+            per_exit = tuple(alpha * (1.0 - float(u)) for u in u_star)
+            values["tau_inf"] = per_exit[0]
+            if len(per_exit) > 1 and "exit_tau_inf" not in values:
+                values["exit_tau_inf"] = per_exit
     try:
         return ControllerConfig(**values)
     except TypeError as exc:
         raise ConfigError(f"bad controller setting: {exc}") from exc
+
+
+def _model_u_star(hints: dict, measure: str, calibration) -> Sequence[float] | None:
+    if calibration is not None:
+        return calibration(measure)
+    stored = hints.get("calibration") or {}
+    if isinstance(stored, dict) and measure in stored:
+        return stored[measure]
+    skip_below = hints.get("uncertainty_skip_below")
+    if not isinstance(skip_below, (int, float)):
+        return None
+    if measure != "entropy":
+        raise ConfigError(f"the model's threshold (uncertainty_skip_below) is calibrated for entropy, not "
+                          f"'{measure}': add a validation split (validation.npz) to calibrate it, or set tau_inf")
+    return (skip_below,)

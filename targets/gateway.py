@@ -130,19 +130,24 @@ class _Metrics:
 
 
 def _decision_parameters(outcomes: list[Outcome]) -> dict:
-    """KServe parameters are scalars: one row gives scalars, n rows comma-joined strings."""
+    """KServe parameters are scalars: one row gives scalars, n rows comma-joined strings.
+    ``stage`` is where each row left the ladder (1-based; ``stages`` when it ran the full model)."""
     decisions = [o.decision for o in outcomes]
     if decisions[0] is None:
         return {"admitted": True, "action": "full", "controller": "off"}
+    stages = outcomes[0].stage if len(outcomes) == 1 else ",".join(str(o.stage) for o in outcomes)
     if len(decisions) == 1:
         d = decisions[0]
-        return {"admitted": d.admitted, "action": d.action, "j": d.j, "tau": d.tau, "u": d.u}
+        return {"admitted": d.admitted, "action": d.action, "j": d.j, "tau": d.tau, "u": d.u,
+                "exit": d.exit_index, "stage": stages}
     return {
         "admitted": ",".join("true" if d.admitted else "false" for d in decisions),
         "action": ",".join(d.action for d in decisions),
         "j": ",".join(f"{d.j:.6g}" for d in decisions),
         "tau": ",".join(f"{d.tau:.6g}" for d in decisions),
         "u": ",".join(f"{d.u:.6g}" for d in decisions),
+        "exit": ",".join(str(d.exit_index) for d in decisions),
+        "stage": stages,
     }
 
 
@@ -217,7 +222,7 @@ def create_app(
                     "shape": list(spec.input_shape)}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, n_classes]}],
         "parameters": {"classes": ",".join(spec.classes), "provider": target.provider,
-                       "controller": "off" if controller is None else "bio"},
+                       "controller": "off" if controller is None else "bio", "stages": spec.n_stages},
     }
     if tokenizer is not None:
         metadata["parameters"]["text_input"] = "BYTES, shape [n]: texts, tokenised by the gateway"

@@ -1,6 +1,7 @@
-"""Write a Triton model repository for a model directory's three ONNX graphs.
+"""Write a Triton model repository for a model directory's ONNX graphs: one Triton model per graph.
 
-Models ``<name>_full``, ``<name>_stage1`` and ``<name>_stage2``, each with ``config.pbtxt``
+Models ``<name>_full`` and ``<name>_stage1`` … ``<name>_stageN`` (one per stage of the ladder; the
+gateway's Triton adapter chains them), each with ``config.pbtxt``
 (explicit input/output names, datatypes and dims read from the ONNX signature, ``max_batch_size``,
 ``dynamic_batching``, ``instance_group``) and ``1/model.onnx``. Two flavours:
 
@@ -14,13 +15,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from targets.errors import GreenMLOpsError
-from targets.model_dir import GraphSpec, ModelSpec
+from targets.errors import GreenMLOpsError, ModelDirError
+from targets.model_dir import MODEL_NAME, GraphSpec, ModelSpec, graph_signature
 
-ORT_TO_TRITON = {
-    "tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
-    "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(int8)": "TYPE_INT8",
-    "tensor(uint8)": "TYPE_UINT8", "tensor(bool)": "TYPE_BOOL", "tensor(string)": "TYPE_STRING",
+NUMPY_TO_TRITON = {
+    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
 }
 FLAVOURS = ("onnxruntime_onnx", "python")
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
@@ -82,26 +82,37 @@ class RepoOptions:
             raise GreenMLOpsError(f"preferred batch sizes must lie in [1, {self.max_batch_size}]")
 
 
-def triton_model_names(model_name: str) -> dict[str, str]:
-    return {key: f"{model_name}_{key}" for key in ("full", "stage1", "stage2")}
+def check_model_name(name: str) -> str:
+    """``name`` if it can name a Triton model (and a URL path segment), else ModelDirError."""
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise ModelDirError(f"model name {name!r} cannot name a Triton model: use letters, digits, '_', '.' "
+                            "and '-' only, starting with a letter or digit (no '/')")
+    return name
+
+
+def triton_model_names(model_name: str, n_stages: int = 2) -> dict[str, str]:
+    """Triton model name per graph key: ``full`` and ``stage1`` … ``stage<n_stages>``."""
+    check_model_name(model_name)
+    keys = ("full", *(f"stage{k}" for k in range(1, n_stages + 1)))
+    return {key: f"{model_name}_{key}" for key in keys}
 
 
 def _signature(graph: GraphSpec):
-    """(inputs, outputs) as (name, triton type, dims without the batch axis), from the ONNX graph."""
-    import onnxruntime
+    """(inputs, outputs) as (name, triton type, dims without the batch axis), from the ONNX graph,
+    in the order model.json lists them."""
+    inputs, outputs = graph_signature(graph.path)
 
-    session = onnxruntime.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
-
-    def describe(values):
+    def describe(names, values):
         described = []
-        for v in values:
-            if v.type not in ORT_TO_TRITON:
-                raise GreenMLOpsError(f"{graph.path}: {v.name} has type {v.type}, which Triton cannot serve")
-            dims = [d if isinstance(d, int) and d > 0 else -1 for d in v.shape[1:]]
-            described.append((v.name, ORT_TO_TRITON[v.type], dims))
+        for name in names:
+            v = values[name]
+            if v.dtype is None or v.dtype.name not in NUMPY_TO_TRITON:
+                raise GreenMLOpsError(f"{graph.path}: {v.name} has type {v.dtype}, which this repository cannot serve")
+            dims = [d if d is not None else -1 for d in v.shape[1:]]
+            described.append((v.name, NUMPY_TO_TRITON[v.dtype.name], dims))
         return described
 
-    return describe(session.get_inputs()), describe(session.get_outputs())
+    return describe(graph.inputs, inputs), describe(graph.outputs, outputs)
 
 
 def config_pbtxt(name: str, graph: GraphSpec, options: RepoOptions) -> str:
@@ -123,16 +134,23 @@ def config_pbtxt(name: str, graph: GraphSpec, options: RepoOptions) -> str:
 
 
 def write_repository(spec: ModelSpec, out: Path, options: RepoOptions = RepoOptions()) -> dict[str, Path]:
-    """Write the three models under ``out``; returns their directories by graph key."""
+    """Write one model per graph (full and every stage) under ``out``; returns their directories
+    by graph key. The model directory was validated when ``spec`` was loaded; here the name and
+    the output folder are checked before anything is written."""
+    names = triton_model_names(spec.name, spec.n_stages)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GreenMLOpsError(f"--out {out} is a file, not a directory for the Triton repository")
+    graphs = spec.graphs
+    configs = {key: config_pbtxt(name, graphs[key], options) for key, name in names.items()}
     written = {}
-    for key, name in triton_model_names(spec.name).items():
-        graph = getattr(spec, key)
+    for key, name in names.items():
         model_dir = out / name
         version = model_dir / "1"
         try:
             version.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(graph.path, version / "model.onnx")
-            (model_dir / "config.pbtxt").write_text(config_pbtxt(name, graph, options))
+            shutil.copyfile(graphs[key].path, version / "model.onnx")
+            (model_dir / "config.pbtxt").write_text(configs[key])
             if options.flavour == "python":
                 (version / "model.py").write_text(PYTHON_MODEL)
         except OSError as exc:

@@ -1,7 +1,7 @@
 """Triton adapter over ``tritonclient.http``: the early-exit backend interface, served by Triton.
 
-The three graphs are the repository's ``<name>_full``, ``<name>_stage1`` and ``<name>_stage2``
-(see :mod:`targets.triton_repo`). Tensors travel in Triton's binary form. Each thread has its own
+The graphs are the repository's ``<name>_full`` and ``<name>_stage1`` … ``<name>_stageN``, one
+Triton model per stage of the ladder, chained here stage by stage (see :mod:`targets.triton_repo`). Tensors travel in Triton's binary form. Each thread has its own
 client (a pool of ``concurrency`` connections); every call is bounded by ``timeout_s`` (connect and
 network timeouts) and any failure
 (unreachable, slow, model missing, an answer without the expected outputs) raises
@@ -58,7 +58,8 @@ class TritonTarget:
         self.url = url.removeprefix("http://")
         self.metrics_url = metrics_url
         self.timeout_s = timeout_s
-        self.names = triton_model_names(spec.name)
+        self.names = triton_model_names(spec.name, spec.n_stages)
+        self.n_stages = spec.n_stages
         self._concurrency = concurrency
         self._local = threading.local()  # tritonclient's HTTP client is not thread-safe: one per thread
         self._clients: list = []
@@ -132,15 +133,21 @@ class TritonTarget:
         (logits,) = self._infer("full", {g.inputs[0]: batch}, g.outputs)
         return self._to_probabilities(logits)
 
+    def stage(self, index: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stage ``index`` (0-based) of the ladder: ``(exit probabilities, hidden)``, or
+        ``(final probabilities, None)`` for the last stage; outputs fetched by name."""
+        g = self.spec.stages[index]
+        outs = self._infer(f"stage{index + 1}", {g.inputs[0]: x}, g.outputs)
+        return self._to_probabilities(outs[0]), (outs[1] if len(outs) == 2 else None)
+
     def stage1(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        g = self.spec.stage1
-        exit_out, hidden = self._infer("stage1", {g.inputs[0]: batch}, g.outputs)
-        return self._to_probabilities(exit_out), hidden
+        return self.stage(0, batch)
 
     def stage2(self, hidden: np.ndarray) -> np.ndarray:
-        g = self.spec.stage2
-        (out,) = self._infer("stage2", {g.inputs[0]: hidden}, g.outputs)
-        return self._to_probabilities(out)
+        """Final probabilities from stage 1's hidden state (the rest of the ladder)."""
+        for index in range(1, self.n_stages):
+            probabilities, hidden = self.stage(index, hidden)
+        return probabilities
 
     def predict(self, batch) -> np.ndarray:
         return self.full_probabilities(self.check(batch))
@@ -187,6 +194,7 @@ class FallbackBackend:
     def __init__(self, primary, fallback):
         self.primary, self.fallback = primary, fallback
         self.provider = f"{primary.provider} (fallback {fallback.provider})"
+        self.n_stages = fallback.n_stages  # both serve the same model
         self.fallbacks = 0
 
     def check(self, batch):
@@ -201,6 +209,9 @@ class FallbackBackend:
 
     def full_probabilities(self, batch):
         return self._either("full_probabilities", batch)
+
+    def stage(self, index, x):
+        return self._either("stage", index, x)
 
     def stage1(self, batch):
         return self._either("stage1", batch)

@@ -127,7 +127,7 @@ def test_every_decision_is_recorded(clock):
     assert [r.admitted for r in records] == [True, False]
     record = records[0].as_record()
     assert set(record) == {"t_s", "u", "energy_norm", "energy_source", "congestion", "j", "tau",
-                           "admitted", "action"}
+                           "admitted", "action", "exit_index"}
     assert record["t_s"] == pytest.approx(1.5)
 
 
@@ -169,29 +169,54 @@ def test_uncertainty_extremes(kind):
     assert uncertainty(uniform, kind)[0] == pytest.approx(1.0)
 
 
-def test_controlled_target_runs_stage2_only_for_admitted_rows(digits_backend, digits_eval):
-    x, _ = digits_eval
+def test_ladder_runs_each_stage_only_for_the_rows_that_continue(digits_backend, digits_eval, clock):
+    from targets.calibration import ladder_outputs
+
+    x = digits_eval[0][:64]
     calls = []
 
     class Counting:
         provider = digits_backend.provider
+        n_stages = digits_backend.n_stages
         check = digits_backend.check
         full_probabilities = digits_backend.full_probabilities
-        stage1 = digits_backend.stage1
 
-        def stage2(self, hidden):
-            calls.append(len(hidden))
-            return digits_backend.stage2(hidden)
+        def stage(self, index, rows):
+            calls.append((index, len(rows)))
+            return digits_backend.stage(index, rows)
 
-    c = BioController(ControllerConfig(tau0=0.9, tau_inf=0.9))
-    outcomes = ControlledTarget(Counting(), c).predict(x[:64])
-    admitted = [o.decision.admitted for o in outcomes]
-    assert calls == ([sum(admitted)] if any(admitted) else [])
-    full = digits_backend.full_probabilities(x[:64])
-    exit_p, _ = digits_backend.stage1(x[:64])
+    n_exits = digits_backend.n_stages - 1
+    assert n_exits >= 3
+    # Steady thresholds that let some rows leave at every exit (u spreads differently per exit).
+    exit_tau = tuple(0.97 - 0.01 * k for k in range(n_exits))
+    config = ControllerConfig(tau0=0.97, tau_inf=exit_tau[0], exit_tau_inf=exit_tau, k_per_s=1.0, beta=0, gamma=0)
+    c = BioController(config, clock=clock)
+    clock.advance(1e6)
+    outcomes = ControlledTarget(Counting(), c).predict(x)
+    reference = ladder_outputs(digits_backend, x)
+    stages = [o.stage for o in outcomes]
+    # Stage k runs once, on exactly the rows that did not leave before it.
+    expected_calls = [(k, sum(s > k for s in stages)) for k in range(digits_backend.n_stages)
+                      if sum(s > k for s in stages)]
+    assert calls == expected_calls
     for i, o in enumerate(outcomes):
-        expected = full[i] if o.decision.admitted else exit_p[i]
-        np.testing.assert_allclose(o.probabilities, expected, atol=1e-5)
+        if o.stage <= n_exits:
+            assert o.decision.exit_index == o.stage and not o.decision.admitted and o.action == "exit"
+            assert o.decision.tau == pytest.approx(exit_tau[o.stage - 1])
+            np.testing.assert_allclose(o.probabilities, reference.exits[o.stage - 1][i], atol=1e-5)
+        else:
+            assert o.decision.exit_index == n_exits and o.decision.admitted and o.action == "full"
+            np.testing.assert_allclose(o.probabilities, reference.final[i], atol=1e-5)
+    # One counted decision per row; every exit's decisions counted apart.
+    assert c.decisions == 64 and c.admitted == stages.count(digits_backend.n_stages)
+    assert c.exit_decisions == sum(min(s, n_exits) for s in stages)
+
+
+def test_per_exit_threshold_length_must_match_the_ladder(digits_backend):
+    from targets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lists 2 thresholds but the model has 3 exit"):
+        ControlledTarget(digits_backend, BioController(ControllerConfig(exit_tau_inf=(0.5, 0.5))))
 
 
 def test_controlled_target_reject_gives_no_answer(digits_backend, digits_eval):

@@ -18,11 +18,14 @@ def infer_body(x: np.ndarray, **extra) -> dict:
                         "data": x.ravel().tolist()}], **extra}
 
 
-def expected_probabilities(backend, x, admitted: bool) -> np.ndarray:
-    """What the in-process target answers for the same decision."""
-    if admitted:
+def expected_probabilities(backend, x, stage: int) -> np.ndarray:
+    """What the in-process target answers for a row that left the ladder after ``stage``."""
+    if stage == backend.n_stages:
         return backend.full_probabilities(x)[0]
-    return backend.stage1(x)[0][0]
+    hidden = backend.check(x)
+    for index in range(stage):
+        probabilities, hidden = backend.stage(index, hidden)
+    return probabilities[0]
 
 
 def test_tritonclient_calls_the_gateway_like_triton(gateway_bio, digits_backend, digits_eval):
@@ -41,9 +44,12 @@ def test_tritonclient_calls_the_gateway_like_triton(gateway_bio, digits_backend,
             assert parameters["action"] in ("full", "exit")
             assert parameters["admitted"] == (parameters["action"] == "full")
             assert (parameters["j"] <= parameters["tau"]) == parameters["admitted"]
+            # Where the row left the ladder: the exit of the last decision, or the final stage.
+            assert parameters["stage"] == (digits_backend.n_stages if parameters["admitted"]
+                                           else parameters["exit"])
             np.testing.assert_allclose(result.as_numpy("probabilities")[0],
                                        expected_probabilities(digits_backend, x[i : i + 1],
-                                                              parameters["admitted"]), atol=1e-6)
+                                                              parameters["stage"]), atol=1e-6)
     client.close()
 
 
@@ -67,6 +73,8 @@ def test_batch_parameters_are_per_row(gateway_bio, digits_eval):
     actions = document["parameters"]["action"].split(",")
     assert len(actions) == 5 and set(actions) <= {"full", "exit"}
     assert len(document["parameters"]["tau"].split(",")) == 5
+    stages = [int(v) for v in document["parameters"]["stage"].split(",")]
+    assert len(stages) == 5 and all(1 <= v <= 4 for v in stages)
 
 
 def test_controller_state_and_metrics_count_what_was_served(start_gateway, digits_eval):

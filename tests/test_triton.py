@@ -29,9 +29,9 @@ def parsed_config(text: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("key", ["full", "stage1", "stage2"])
+@pytest.mark.parametrize("key", ["full", "stage1", "stage2", "stage3", "stage4"])
 def test_onnxruntime_config_matches_the_onnx_signature(digits_spec, key):
-    graph = getattr(digits_spec, key)
+    graph = digits_spec.graphs[key]
     options = RepoOptions(flavour="onnxruntime_onnx", max_batch_size=32, preferred_batch_sizes=(2, 8),
                           max_queue_delay_us=100, instance_kind="gpu", instance_count=2)
     text = config_pbtxt(f"digits_{key}", graph, options)
@@ -46,11 +46,42 @@ def test_onnxruntime_config_matches_the_onnx_signature(digits_spec, key):
 
 def test_repository_layout(tmp_path, digits_spec):
     written = write_repository(digits_spec, tmp_path, RepoOptions(flavour="python"))
-    assert {p.name for p in written.values()} == set(triton_model_names("digits").values())
+    assert {p.name for p in written.values()} == set(triton_model_names("digits", digits_spec.n_stages).values())
+    assert len(written) == 1 + digits_spec.n_stages  # one Triton model per stage, and the full one
     for model_dir in written.values():
         assert (model_dir / "config.pbtxt").exists() and (model_dir / "1" / "model.onnx").exists()
         assert (model_dir / "1" / "model.py").exists()
         assert 'backend: "python"' in (model_dir / "config.pbtxt").read_text()
+
+
+def test_repository_refuses_a_name_that_is_not_one_path_segment(tmp_path, digits_spec):
+    from dataclasses import replace
+
+    from targets.errors import GreenMLOpsError, ModelDirError
+
+    with pytest.raises(ModelDirError, match="cannot name a Triton model.*no '/'"):
+        write_repository(replace(digits_spec, name="team/bc"), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(GreenMLOpsError, match="is a file"):
+        write_repository(digits_spec, tmp_path / "file")
+
+
+def test_repository_cli_validates_the_model_directory(tmp_path, digits_spec, capsys):
+    """`triton repo` loads the model through the one validation: a broken directory is refused."""
+    import json
+    import shutil
+
+    from green_mlops.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_spec.directory, broken)
+    meta = json.loads((broken / "model.json").read_text())
+    meta["classes"] = meta["classes"][:5]
+    (broken / "model.json").write_text(json.dumps(meta))
+    code = main(["triton", "repo", "--model", str(broken), "--out", str(tmp_path / "repo")])
+    assert code != 0 and "'classes' has 5 entries" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
 
 
 def test_bad_repository_options():

@@ -1,39 +1,10 @@
-"""Embedded models: names a user can pass as ``--model``, and where their directories are."""
+"""Embedded models (``digits`` here, ``reviews`` built into the cache) and their build scripts.
+
+The registry itself lives with the model contract in :mod:`targets.registry`; these names are
+re-exported for the callers that import them from here.
+"""
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from targets.registry import DEFAULT_MODEL, EMBEDDED, EMBEDDED_DIR, model_home, models_cache, resolve_model
 
-from targets.errors import ModelDirError
-from targets.model_dir import ModelSpec, load_model_dir
-
-EMBEDDED_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = "digits"
-
-
-def models_cache() -> Path:
-    """Where models too large for git are built: $GREEN_MLOPS_MODELS or ~/.cache/green-mlops/models."""
-    return Path(os.environ.get("GREEN_MLOPS_MODELS", Path.home() / ".cache" / "green-mlops" / "models"))
-
-
-def model_home(name: str) -> Path:
-    """Where the named model lives: ``digits`` inside the package, ``reviews`` in the cache."""
-    return EMBEDDED_DIR / "digits" if name == "digits" else models_cache() / name
-
-
-EMBEDDED = ("digits", "reviews")
-
-
-def resolve_model(name_or_dir: str) -> ModelSpec:
-    """An embedded model by name, or any model directory by path."""
-    if name_or_dir in EMBEDDED:
-        path = model_home(name_or_dir)
-        if not (path / "model.json").is_file():
-            raise ModelDirError(f"embedded model '{name_or_dir}' is not built: run "
-                                f"'green-mlops models build {name_or_dir}'")
-        return load_model_dir(path)
-    path = Path(name_or_dir)
-    if not path.exists():
-        raise ModelDirError(f"no model '{name_or_dir}': not an embedded model "
-                            f"({', '.join(EMBEDDED)}) and no such directory")
-    return load_model_dir(path)
+__all__ = ["DEFAULT_MODEL", "EMBEDDED", "EMBEDDED_DIR", "model_home", "models_cache", "resolve_model"]

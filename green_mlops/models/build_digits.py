@@ -1,4 +1,4 @@
-"""Build the embedded default model ``digits``: an early-exit ResNet-style CNN.
+"""Build the embedded default model ``digits``: a ResNet-style CNN with a ladder of early exits.
 
 Data: scikit-learn's bundled ``load_digits`` (1,797 real 8x8 handwritten digits, no download).
 Split (fixed seed, stratified): half of the images are held out for evaluation and never seen in
@@ -6,9 +6,15 @@ training; the other half is split into training and a validation set that picks 
 recommended threshold. Held-out images that are pixel-identical to a training or validation
 image are dropped, so no test image is seen in training even as a duplicate.
 
-Outputs, in the model directory contract of :mod:`targets.model_dir`:
-``full.onnx`` (x -> logits), ``stage1.onnx`` (x -> exit_logits, hidden),
-``stage2.onnx`` (hidden -> logits), ``eval.npz`` (held-out x, y), ``model.json``.
+The network is four residual blocks; an exit head (2x2 average pool + linear) follows each of the
+first three, so a request can leave after one, two or three blocks (a ladder of three exits). All
+exits and the final classifier are trained jointly (a weighted sum of their losses).
+
+Outputs, in the model directory contract of :mod:`targets.model_dir` (N = 4 stages):
+``full.onnx`` (x -> logits), ``stage1.onnx`` (x -> exit_logits, hidden), ``stage2.onnx`` and
+``stage3.onnx`` (hidden -> exit_logits, hidden), ``stage4.onnx`` (hidden -> logits),
+``eval.npz`` (held-out x, y), ``validation.npz`` (validation x, y: the exit thresholds are
+calibrated on it, in code, when the model loads), ``model.json``.
 
 Needs the ``models`` extra (torch, onnx, scikit-learn); torch is never a runtime dependency.
 """
@@ -25,13 +31,11 @@ TEST_FRACTION = 0.5
 VAL_FRACTION_OF_REST = 0.2
 EPOCHS = 40
 BATCH_SIZE = 64
-EXIT_LOSS_WEIGHT = 0.5
+EXIT_LOSS_WEIGHTS = (0.5, 0.5, 0.5)  # exits after blocks 1, 2 and 3; the final loss weighs 1
 STEM_CHANNELS = 32
 WIDE_CHANNELS = 144
 UPSAMPLE = 2  # the CNN works at 16x16: inference, not call overhead, dominates latency
 OPSET = 17
-# Accuracy the controller's recommended threshold may give up on the validation split.
-CALIBRATION_MAX_EXTRA_ERRORS = 0
 
 
 def _split(n_samples: int, labels: np.ndarray, images: np.ndarray):
@@ -70,52 +74,63 @@ def _networks(torch):
             y = self.bn2(self.conv2(y))
             return torch.relu(y + self.shortcut(x))
 
-    class Stage1(nn.Module):
-        """Stem + first residual block, with a small exit head (2x2 average pool + linear)."""
+    def exit_head(channels: int):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(channels * 4, 10))
 
-        def __init__(self):
+    class ExitStage(nn.Module):
+        """One rung of the ladder: (stem +) a residual block, then an exit head beside it."""
+
+        def __init__(self, in_ch: int, out_ch: int, stem: bool = False):
+            # The stem (upsample + conv to STEM_CHANNELS) only in stage 1, whose input is the image.
             super().__init__()
             self.stem = nn.Sequential(
                 nn.Upsample(scale_factor=UPSAMPLE, mode="bilinear", align_corners=False),
                 nn.Conv2d(1, STEM_CHANNELS, 3, padding=1, bias=False),
                 nn.BatchNorm2d(STEM_CHANNELS),
                 nn.ReLU(),
-            )
-            self.block = ResidualBlock(STEM_CHANNELS, STEM_CHANNELS)
-            self.exit_head = nn.Sequential(
-                nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(STEM_CHANNELS * 4, 10)
-            )
+            ) if stem else nn.Identity()
+            self.block = ResidualBlock(STEM_CHANNELS if stem else in_ch, out_ch)
+            self.exit_head = exit_head(out_ch)
 
         def forward(self, x):
             hidden = self.block(self.stem(x))
             return self.exit_head(hidden), hidden
 
-    class Stage2(nn.Module):
-        """The remaining residual blocks and the classifier."""
+    class FinalStage(nn.Module):
+        """The last residual block and the classifier."""
 
         def __init__(self):
             super().__init__()
-            self.blocks = nn.Sequential(
-                ResidualBlock(STEM_CHANNELS, WIDE_CHANNELS),
-                ResidualBlock(WIDE_CHANNELS, WIDE_CHANNELS),
-                ResidualBlock(WIDE_CHANNELS, WIDE_CHANNELS),
-            )
-            self.head = nn.Sequential(
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(WIDE_CHANNELS, 10)
-            )
+            self.block = ResidualBlock(WIDE_CHANNELS, WIDE_CHANNELS)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(WIDE_CHANNELS, 10))
 
         def forward(self, hidden):
-            return self.head(self.blocks(hidden))
+            return self.head(self.block(hidden))
 
     class Full(nn.Module):
-        def __init__(self, stage1, stage2):
+        def __init__(self, stages):
             super().__init__()
-            self.stage1, self.stage2 = stage1, stage2
+            self.stages = nn.ModuleList(stages)
 
         def forward(self, x):
-            return self.stage2(self.stage1(x)[1])
+            for stage in self.stages[:-1]:
+                x = stage(x)[1]
+            return self.stages[-1](x)
 
-    return Stage1, Stage2, Full
+        def all_logits(self, x):
+            """Every exit's logits and the final logits, in ladder order."""
+            outs = []
+            for stage in self.stages[:-1]:
+                exit_logits, x = stage(x)
+                outs.append(exit_logits)
+            outs.append(self.stages[-1](x))
+            return outs
+
+    def ladder():
+        return [ExitStage(1, STEM_CHANNELS, stem=True), ExitStage(STEM_CHANNELS, WIDE_CHANNELS),
+                ExitStage(WIDE_CHANNELS, WIDE_CHANNELS), FinalStage()]
+
+    return ladder, Full
 
 
 def _augment(torch, batch):
@@ -139,8 +154,8 @@ def _train(torch, full, x_train, y_train, epochs, log):
         for start in range(0, len(order), BATCH_SIZE):
             idx = order[start : start + BATCH_SIZE]
             xb, yb = _augment(torch, x_train[idx]), y_train[idx]
-            exit_logits, hidden = full.stage1(xb)
-            loss = loss_fn(full.stage2(hidden), yb) + EXIT_LOSS_WEIGHT * loss_fn(exit_logits, yb)
+            *exits, final = full.all_logits(xb)
+            loss = loss_fn(final, yb) + sum(w * loss_fn(e, yb) for w, e in zip(EXIT_LOSS_WEIGHTS, exits))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -148,29 +163,6 @@ def _train(torch, full, x_train, y_train, epochs, log):
             total += loss.item() * len(idx)
         if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
             log(f"  epoch {epoch + 1}/{epochs}  loss {total / len(order):.4f}")
-
-
-def _normalised_entropy(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1) / np.log(p.shape[1])
-
-
-def _calibrate(exit_logits: np.ndarray, full_logits: np.ndarray, labels: np.ndarray) -> float:
-    """Largest uncertainty cut-off below which exiting early adds no error on validation data."""
-    u = _normalised_entropy(exit_logits)
-    exit_ok = exit_logits.argmax(1) == labels
-    full_ok = full_logits.argmax(1) == labels
-    best = 0.0
-    for cut in np.unique(u):
-        skipped = u <= cut
-        # Errors the exit adds where the full model was right; gains elsewhere do not offset them.
-        if int((full_ok & ~exit_ok & skipped).sum()) <= CALIBRATION_MAX_EXTRA_ERRORS:
-            best = float(cut)
-        else:
-            break
-    return best
 
 
 def _export(torch, module, example, path: Path, input_names, output_names) -> None:
@@ -215,39 +207,45 @@ def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
     log(f"split: {len(train)} train, {len(val)} validation, {len(test)} held out "
         f"({dropped} held-out duplicates of training images dropped)")
 
-    Stage1, Stage2, Full = _networks(torch)
-    stage1, stage2 = Stage1(), Stage2()
-    full = Full(stage1, stage2)
+    ladder, Full = _networks(torch)
+    stages = ladder()
+    full = Full(stages)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     _train(torch, full, x_all[train], y_all[train], epochs, log)
     full.eval()
 
     with torch.no_grad():
-        def logits_of(idx):
-            exit_logits, hidden = stage1(x_all[idx])
-            return exit_logits.numpy(), stage2(hidden).numpy()
+        val_logits = [t.numpy() for t in full.all_logits(x_all[val])]
+        test_logits = [t.numpy() for t in full.all_logits(x_all[test])]
 
-        val_exit, val_full = logits_of(val)
-        test_exit, test_full = logits_of(test)
+    def accuracy_of(logits, idx):
+        return [round(float((out.argmax(1) == labels[idx]).mean()), 6) for out in logits]
 
-    accuracy = {
-        "validation_full": float((val_full.argmax(1) == labels[val]).mean()),
-        "validation_exit": float((val_exit.argmax(1) == labels[val]).mean()),
-        "heldout_full": float((test_full.argmax(1) == labels[test]).mean()),
-        "heldout_exit": float((test_exit.argmax(1) == labels[test]).mean()),
-    }
-    skip_below_u = _calibrate(val_exit, val_full, labels[val])
-    log("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in accuracy.items()))
-    log(f"calibrated on validation: exit when normalised entropy <= {skip_below_u:.4f}")
+    accuracy = {"validation_per_stage": accuracy_of(val_logits, val),
+                "heldout_per_stage": accuracy_of(test_logits, test)}
+    log("accuracy per exit and final, validation: " + ", ".join(f"{a:.4f}" for a in accuracy["validation_per_stage"]))
+    log("accuracy per exit and final, held out:   " + ", ".join(f"{a:.4f}" for a in accuracy["heldout_per_stage"]))
 
+    for old in out_dir.glob("stage*.onnx"):  # a previous build may have had more stages
+        old.unlink()
     example = x_all[test[:1]]
-    with torch.no_grad():
-        hidden_example = stage1(example)[1]
     _export(torch, full, example, out_dir / "full.onnx", ["x"], ["logits"])
-    _export(torch, stage1, example, out_dir / "stage1.onnx", ["x"], ["exit_logits", "hidden"])
-    _export(torch, stage2, hidden_example, out_dir / "stage2.onnx", ["hidden"], ["logits"])
+    stage_entries, hidden = [], example
+    with torch.no_grad():
+        for k, stage in enumerate(stages, start=1):
+            last = k == len(stages)
+            outputs = ["logits"] if last else ["exit_logits", "hidden"]
+            # A graph cannot take and give the same name: later stages take "hidden_in".
+            inputs = ["x"] if k == 1 else ["hidden_in"]
+            _export(torch, stage, hidden, out_dir / f"stage{k}.onnx", inputs, outputs)
+            stage_entries.append({"file": f"stage{k}.onnx", "inputs": inputs, "outputs": outputs})
+            if not last:
+                hidden = stage(hidden)[1]
     np.savez_compressed(
         out_dir / "eval.npz", x=images[test], y=labels[test], source_index=test.astype(np.int32)
+    )
+    np.savez_compressed(
+        out_dir / "validation.npz", x=images[val], y=labels[val], source_index=val.astype(np.int32)
     )
 
     meta = {
@@ -258,16 +256,16 @@ def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
         "input": {"name": "x", "dtype": "float32", "shape": [-1, 1, 8, 8],
                   "description": "8x8 grey image, pixel value / 16, in [0, 1]"},
         "full": {"file": "full.onnx", "inputs": ["x"], "outputs": ["logits"]},
-        "stage1": {"file": "stage1.onnx", "inputs": ["x"], "outputs": ["exit_logits", "hidden"]},
-        "stage2": {"file": "stage2.onnx", "inputs": ["hidden"], "outputs": ["logits"]},
+        "stages": stage_entries,
         "eval": {"file": "eval.npz", "n": int(len(test))},
-        "controller": {"uncertainty_skip_below": round(skip_below_u, 6)},
+        "validation": {"file": "validation.npz", "n": int(len(val))},
         "build": {
             "source": "sklearn.datasets.load_digits",
             "seed": SEED,
             "split": {"train": int(len(train)), "validation": int(len(val)),
                       "heldout": int(len(test)), "heldout_duplicates_dropped": dropped},
             "epochs": epochs,
+            "exit_loss_weights": list(EXIT_LOSS_WEIGHTS),
             "accuracy": accuracy,
             "torch": torch.__version__,
             "opset": OPSET,

@@ -16,7 +16,9 @@ def one_input(digits_eval):
 
 @pytest.fixture(scope="module")
 def bio_config(digits_spec):
-    return build_config(digits_spec.controller_hints, None, {"k_per_s": 1e6})
+    from targets.calibration import calibrator
+
+    return build_config(digits_spec.controller_hints, None, {"k_per_s": 1e6}, calibrator(digits_spec))
 
 
 @pytest.mark.benchmark(group="controller")
