@@ -73,6 +73,17 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip-action", dest="skip_action", choices=("exit", "cache", "reject"))
     group.add_argument("--capacity", type=int, help="in-flight requests counted as full congestion, default 8")
     group.add_argument("--slo-ms", type=float, dest="slo_ms", help="latency objective for ĉ, default 100")
+    group.add_argument("--policy", choices=("paper", "budget"),
+                       help="'paper': J ≤ τ(t) alone (default); 'budget': held inside a certified accuracy budget")
+    group.add_argument("--accuracy-budget-pp", type=float, dest="accuracy_budget_pp",
+                       help="budget policy: accuracy loss against the full model, default 0.5 pp")
+    group.add_argument("--risk", type=float, help="budget policy: δ, the certificate holds with probability "
+                                                  "≥ 1 − δ over the validation draw, default 0.1")
+    group.add_argument("--slo-p95-ms", type=float, dest="slo_p95_ms",
+                       help="budget policy: latency SLO on p95 held by an AIMD loop inside the budget (default off)")
+    group.add_argument("--overload-action", dest="overload_action", choices=("reject", "queue"),
+                       help="budget policy, SLO unmet at the certified ceiling: 'reject' sheds (503), "
+                            "'queue' waits in the gateway's bounded queue; default reject")
 
 
 def _add_mlflow_flags(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +130,8 @@ def make_results_dir(path: Path | None) -> Path | None:
 
 
 CONTROLLER_FLAGS = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "uncertainty",
-                    "skip_action", "capacity", "slo_ms")
+                    "skip_action", "capacity", "slo_ms", "policy", "accuracy_budget_pp", "risk", "slo_p95_ms",
+                    "overload_action")
 
 
 def controller_config(args, spec, backend=None):
@@ -276,8 +288,8 @@ def _run_serve(args) -> int:
             getattr(self, "_captured_signals", []).clear()
 
     from green_mlops.models import resolve_model
-    from targets.controller import BioController
     from targets.gateway import GatewaySettings, create_app
+    from targets.make_controller import make_controller
     from targets.ort_target import OnnxRuntimeTarget
 
     from profilers.feed import PeriodicEnergyFeed
@@ -285,8 +297,10 @@ def _run_serve(args) -> int:
     if args.energy_window_s <= 0:
         raise GreenMLOpsError("--energy-window-s must be > 0")
     spec = resolve_model(args.model)
-    controller = None if args.controller == "off" else BioController(controller_config(args, spec))
     backend = OnnxRuntimeTarget(spec, device=args.device)
+    # Calibration (and the budget policy's certificate) run in-process on the validation split.
+    controller = None if args.controller == "off" else make_controller(controller_config(args, spec, backend), spec,
+                                                                       backend)
     if args.backend == "triton":
         from targets.triton_target import FallbackBackend, TritonTarget
 

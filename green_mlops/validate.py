@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
+from targets.make_controller import make_controller
 from green_mlops.cli import EXIT_GATE, controller_config, make_results_dir, open_energy, stderr
 from green_mlops.models import resolve_model
 from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
@@ -50,12 +51,23 @@ def _write_json(path: Path, document: dict) -> None:
         raise GreenMLOpsError(f"cannot write {path}: {exc}") from exc
 
 
+def budget_lines(budget: dict) -> list[str]:
+    """The budget policy's certificate, in words."""
+    cert = budget["certificate"]
+    return [f"budget policy: accuracy loss ≤ {cert['budget_pp']:g} pp against the full model with probability "
+            f"≥ {1 - cert['risk_delta']:g} (Learn-then-Test, {cert['n_calibration']} validation rows; the smallest "
+            f"budget they can certify is {cert['smallest_certifiable_budget_pp']:.2f} pp)",
+            f"certified exit threshold u < {cert['threshold']:.3f} at every exit; on the validation split "
+            f"{100 * cert['exit_rate']:.1f} % leave early, depth histogram {cert['depth_histogram']}"]
+
+
 def run_validate(args) -> int:
     if args.mlflow:
         require_mlflow()  # before the run: a missing extra must not cost a whole validation
     spec = resolve_model(args.model)
     backend = OnnxRuntimeTarget(spec, device=args.device)
     config = controller_config(args, spec, backend)
+    controller = make_controller(config, spec, backend)  # the budget policy certifies here, before any work
     x, y = spec.load_eval()
     x_validation = spec.load_validation()[0] if args.sweep else None  # sweep points come from it: fail early
     order = request_order(len(x), args.requests, min_requests=2000)
@@ -76,7 +88,7 @@ def run_validate(args) -> int:
             task = progress.add_task("ablation: standard ⇄ bio", total=len(order))
             result = run_ablation(backend, config, x, y, order, warmup_requests=args.warmup,
                                   progress=lambda done: progress.update(task, completed=done),
-                                  profiler=profiler)
+                                  profiler=profiler, controller=controller)
     finally:
         if sampler is not None:
             sampler.stop()
@@ -84,6 +96,10 @@ def run_validate(args) -> int:
             profiler.close()
     summary = summarise(result, backend.provider, spec.name, asdict(config))
     print_summary(summary, console)
+    if controller.budget is not None:
+        summary["budget"] = controller.budget.state()
+        for line in budget_lines(summary["budget"]):
+            console.print(line, highlight=False, markup=False)
     summary["ladder"] = ladder_figures(result, _calibration(spec, config, args, backend))
     for line in ladder_lines(summary["ladder"]):
         console.print(line, highlight=False, markup=False)

@@ -156,6 +156,7 @@ def run_ablation(
     progress: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     profiler: Profiler | None = None,
+    controller: BioController | None = None,
 ) -> AblationResult:
     """Run both modes over ``order`` (rows of ``x``) after their warm-ups; see the module doc.
 
@@ -165,7 +166,7 @@ def run_ablation(
     the timed requests); bio's windows feed its controller's energy signal ê.
     """
     standard = ControlledTarget(backend, None)
-    bio = ControlledTarget(backend, BioController(config, clock=clock))
+    bio = ControlledTarget(backend, controller or BioController(config, clock=clock))
     rows = [x[i : i + 1] for i in range(len(x))]
     warm = order[: max(1, min(warmup_requests, len(order)))]
     for i in warm:
@@ -228,7 +229,8 @@ def run_sweep(
     and the latency reduction against the standard runs interleaved with it."""
     rows = [x[i : i + 1] for i in range(len(x))]
     standard = ControlledTarget(backend, None)
-    targets = [ControlledTarget(backend, BioController(replace(base, tau0=tau, tau_inf=tau, exit_tau_inf=None)))
+    targets = [ControlledTarget(backend, BioController(replace(base, tau0=tau, tau_inf=tau, exit_tau_inf=None,
+                                                                                policy="paper")))
                for tau in tau_values]
     for target in (standard, *targets):
         for i in order[: min(len(order), 50)]:

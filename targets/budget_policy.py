@@ -11,19 +11,22 @@ keeps the same formula but bounds what it may do:
   u < λ_J = 1 − (τ(t) − β·ê − γ·ĉ)/α. Congestion and energy loosen λ_J, up to λ̂ and no further.
 * With a latency SLO, an AIMD loop (:mod:`targets.slo_loop`) may loosen the threshold further,
   again only up to λ̂; when p95 still exceeds the SLO at λ̂, load is shed explicitly with the
-  overload action (`reject`: 503 + Retry-After, counted and scored as wrong by the report) instead
-  of silently spending more accuracy.
+  overload action instead of silently spending more accuracy: `reject` sheds (503 + Retry-After
+  before any model work, counted, scored as wrong by the report); `queue` sheds nothing and lets
+  the gateway's bounded queue (`--max-queue`) hold the excess, answering 503 past its bound.
 """
 from __future__ import annotations
 
+import math
 import random
 import threading
 
-from targets.certify import BudgetCalibration
+from targets.certify import THRESHOLD_GRID, BudgetCalibration
+from targets.controller_config import OVERLOAD_ACTIONS
 from targets.errors import ConfigError
 from targets.slo_loop import SloLoop
 
-OVERLOAD_ACTIONS = ("reject", "queue")
+GRID_STEP = float(THRESHOLD_GRID[1] - THRESHOLD_GRID[0])
 
 
 class BudgetPolicy:
@@ -52,14 +55,15 @@ class BudgetPolicy:
     def leave_threshold(self, lambda_j: float) -> float:
         """The threshold a row's uncertainty is compared with: λ_J, loosened by the SLO loop, ≤ λ̂."""
         loosest = lambda_j if self.loop is None else max(lambda_j, self.loop.threshold)
-        if loosest > self.ceiling:
-            self.clamped += 1
+        if loosest >= self.ceiling:
+            self.clamped += loosest > self.ceiling
             return self.ceiling
-        return loosest
+        # Down to the tested grid: fixed-sequence testing certified every grid point up to λ̂.
+        return math.floor(loosest / GRID_STEP + 1e-9) * GRID_STEP if loosest > 0 else loosest
 
     def should_shed(self) -> bool:
         """Whether to shed this request before any work is done (only at the ceiling, SLO violated)."""
-        if self.loop is None or self.loop.shed_probability <= 0:
+        if self.loop is None or self.overload_action != "reject" or self.loop.shed_probability <= 0:
             return False
         with self._lock:
             shed = self._rng.random() < self.loop.shed_probability

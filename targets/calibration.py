@@ -147,3 +147,17 @@ def calibration_for(spec: ModelSpec, measure: str, backend=None, rule=None) -> E
 def calibrator(spec: ModelSpec, backend=None):
     """``measure -> u* per exit`` for :func:`targets.controller_config.build_config`."""
     return lambda measure: calibration_for(spec, measure, backend).u_star
+
+
+def budget_calibration_for(spec: ModelSpec, measure: str, budget_pp: float, risk: float, backend=None):
+    """The certified exit threshold of ``spec`` for an accuracy budget (see :mod:`targets.certify`):
+    Learn-then-Test on the validation split, the same threshold at every exit of the ladder."""
+    from targets.certify import calibrate_budget
+
+    if spec.validation_path is None:
+        raise ConfigError(f"model '{spec.name}' has no validation split (validation.npz): the budget "
+                          "policy calibrates its certificate on it")
+    outputs, y = _validation_outputs(spec, backend)
+    u = np.stack([uncertainty(p, measure) for p in outputs.exits], axis=1)
+    exit_answers = np.stack([p.argmax(1) for p in outputs.exits], axis=1)
+    return calibrate_budget(u, exit_answers, outputs.final.argmax(1), y, budget_pp / 100.0, risk)

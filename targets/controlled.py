@@ -15,7 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from targets.controller import ACTION_CACHE, ACTION_FULL, ACTION_REJECT, BioController, Decision, input_key, uncertainty
+from targets.controller import (ACTION_CACHE, ACTION_FULL, ACTION_REJECT, BioController, Decision, input_key,
+                                uncertainty)
 from targets.errors import ConfigError
 
 
@@ -76,6 +77,9 @@ class ControlledTarget:
         controller = self.controller
         if controller is None:
             return [Outcome(row, None) for row in self.backend.full_probabilities(batch)]
+        shed = controller.shed_decision()
+        if shed is not None:  # budget policy, SLO unmet at the ceiling: no model work at all
+            return [Outcome(None, shed, 0) for _ in range(len(batch))]
         if not self.track_load:
             return self._controlled(batch, controller)
         started_ns = time.perf_counter_ns()

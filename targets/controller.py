@@ -26,13 +26,18 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from targets.controller_config import ControllerConfig
+from targets.errors import ConfigError
+
+if TYPE_CHECKING:
+    from targets.budget_policy import BudgetPolicy
 
 ACTION_FULL, ACTION_EXIT, ACTION_CACHE, ACTION_REJECT = "full", "exit", "cache", "reject"
+ACTION_SHED = "shed"  # budget policy: shed before any work, the SLO unmet at the certified ceiling
 ACTION_CONTINUE = "continue"  # a ladder row goes on to the next stage (not yet its final decision)
 P95_REFRESH_EVERY = 16  # finished requests between recomputations of the recent p95
 
@@ -83,6 +88,7 @@ class Decision:
     admitted: bool
     action: str
     exit_index: int = 1
+    threshold: float | None = None  # budget policy: the exit threshold u was compared with (leave iff u < it)
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -96,7 +102,15 @@ class BioController:
         config: ControllerConfig,
         clock: Callable[[], float] = time.monotonic,
         on_decision: Callable[[Decision], None] | None = None,
+        budget: "BudgetPolicy | None" = None,
     ):
+        """``budget`` (policy 'budget', see :mod:`targets.budget_policy`) bounds every decision by
+        the certified ceiling and carries the SLO loop; None is the paper's controller."""
+        if (budget is None) != (config.policy == "paper"):
+            raise ConfigError(f"controller policy '{config.policy}' needs "
+                              f"{'a' if budget is None else 'no'} certified budget")
+        self.budget = budget
+        self.shed = 0
         self.config = config
         self._clock = clock
         self._started_s = clock()
@@ -170,6 +184,8 @@ class BioController:
             if self._since_p95 >= P95_REFRESH_EVERY:
                 self._p95_ms = float(np.percentile(self._latencies_ms, 95))
                 self._since_p95 = 0
+                if self.budget is not None:
+                    self.budget.observe_p95(self._p95_ms)
 
     # --- decisions -----------------------------------------------------------------------
     def decide(self, u: float, key: bytes | None = None, exit_index: int = 1, last_exit: bool = True) -> Decision:
@@ -186,7 +202,15 @@ class BioController:
             tau = self.tau(elapsed, exit_index)
             energy, congestion = self.energy_norm(), self.congestion()
             j = c.alpha * (1.0 - u) + c.beta * energy + c.gamma * congestion
-            admitted = j <= tau
+            threshold = None
+            if self.budget is None:
+                admitted = j <= tau
+            else:
+                # J > τ ⇔ u < λ_J: the paper's rule as an exit threshold, then held under the ceiling.
+                slack = tau - c.beta * energy - c.gamma * congestion
+                lambda_j = (1.0 - slack / c.alpha) if c.alpha > 0 else (math.inf if slack < 0 else -math.inf)
+                threshold = self.budget.leave_threshold(lambda_j)
+                admitted = not u < threshold
             if admitted:
                 action = ACTION_FULL if last_exit else ACTION_CONTINUE
             elif c.skip_action == ACTION_CACHE and key is not None and key in self._cache:
@@ -202,7 +226,24 @@ class BioController:
                 self.admitted += admitted
                 self._recent_admitted.append(admitted)
             decision = Decision(elapsed, float(u), energy, self._energy_source, congestion,
-                                float(j), tau, bool(admitted), action, exit_index)
+                                float(j), tau, bool(admitted), action, exit_index, threshold)
+        if self._on_decision is not None:
+            self._on_decision(decision)
+        return decision
+
+    def shed_decision(self) -> Decision | None:
+        """Budget policy: a shed decision for a request about to start, or None to serve it.
+
+        Load is shed only when the SLO loop sits at the certified ceiling and p95 still exceeds
+        the SLO (overload action 'reject'); the request then costs no model work.
+        """
+        if self.budget is None or not self.budget.should_shed():
+            return None
+        with self._lock:
+            elapsed = self.elapsed_s()
+            self.shed += 1
+            decision = Decision(elapsed, math.nan, self.energy_norm(), self._energy_source, self.congestion(),
+                                math.nan, self.tau(elapsed), False, ACTION_SHED, 0, self.budget.ceiling)
         if self._on_decision is not None:
             self._on_decision(decision)
         return decision
@@ -239,6 +280,9 @@ class BioController:
                 "decisions": self.decisions,
                 "admitted": self.admitted,
                 "exit_decisions": self.exit_decisions,
+                "policy": self.config.policy,
+                "shed": self.shed,
+                "budget": None if self.budget is None else self.budget.state(),
                 "admission_rate_recent": (sum(recent) / len(recent)) if recent else None,
                 "cache_entries": len(self._cache),
                 "config": asdict(self.config),

@@ -19,6 +19,8 @@ from targets.errors import ConfigError
 
 UNCERTAINTIES = ("entropy", "least_confidence", "margin")
 SKIP_ACTIONS = ("exit", "cache", "reject")
+POLICIES = ("paper", "budget")
+OVERLOAD_ACTIONS = ("reject", "queue")
 DEFAULT_TAU_INF = 0.8
 
 
@@ -41,6 +43,11 @@ class ControllerConfig:
     energy_ewma_weight: float = 0.2  # weight of the newest reading in the energy EWMA
     cache_size: int = 4096  # entries of the LRU answer cache (skip action 'cache')
     exit_tau_inf: tuple[float, ...] | None = None  # τ∞ per exit (ladders); None: tau_inf at every exit
+    policy: str = "paper"  # 'paper': J ≤ τ(t) alone; 'budget': held inside a certified accuracy budget
+    accuracy_budget_pp: float = 0.5  # budget policy: accuracy loss against the full model, pp
+    risk: float = 0.1  # budget policy: δ, the probability the certificate may fail
+    slo_p95_ms: float | None = None  # budget policy: the latency SLO the AIMD loop holds (None: off)
+    overload_action: str = "reject"  # budget policy, SLO unmet at the ceiling: 'reject' sheds, 'queue' waits
 
     def tau_inf_at(self, exit_index: int) -> float:
         """τ∞ of exit ``exit_index`` (1-based)."""
@@ -50,10 +57,10 @@ class ControllerConfig:
 
     def __post_init__(self):
         numbers = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "slo_ms", "energy_ref_j",
-                   "energy_ewma_weight")
+                   "energy_ewma_weight", "accuracy_budget_pp", "risk", "slo_p95_ms")
         for name in numbers:
             value = getattr(self, name)
-            if name == "tau0" and value is None:
+            if name in ("tau0", "slo_p95_ms") and value is None:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ConfigError(f"controller.{name} must be a finite number, got {value!r}")
@@ -83,6 +90,17 @@ class ControllerConfig:
         if self.uncertainty not in UNCERTAINTIES:
             raise ConfigError(f"controller.uncertainty must be one of {', '.join(UNCERTAINTIES)}, "
                               f"got {self.uncertainty!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"controller.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.overload_action not in OVERLOAD_ACTIONS:
+            raise ConfigError(f"controller.overload_action must be one of {', '.join(OVERLOAD_ACTIONS)}, "
+                              f"got {self.overload_action!r}")
+        if not 0 < self.accuracy_budget_pp < 100:
+            raise ConfigError(f"controller.accuracy_budget_pp must be in (0, 100), got {self.accuracy_budget_pp}")
+        if not 0 < self.risk < 1:
+            raise ConfigError(f"controller.risk must be in (0, 1), got {self.risk}")
+        if self.slo_p95_ms is not None and self.slo_p95_ms <= 0:
+            raise ConfigError(f"controller.slo_p95_ms must be > 0, got {self.slo_p95_ms}")
         if self.skip_action not in SKIP_ACTIONS:
             raise ConfigError(f"controller.skip_action must be one of {', '.join(SKIP_ACTIONS)}, "
                               f"got {self.skip_action!r}")

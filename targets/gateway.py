@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from targets.controlled import ControlledTarget, EarlyExitBackend, Outcome
-from targets.controller import ACTION_REJECT, BioController
+from targets.controller import ACTION_REJECT, ACTION_SHED, BioController
 from targets.dashboard import install_dashboard
 from targets.errors import BackendError, InputError
 from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
@@ -127,6 +127,22 @@ class _Metrics:
                   registry=self.registry).set_function(controller.congestion)
             Gauge("green_mlops_energy_norm", "Energy signal e_hat in [0, 1] (0 when unmeasured)",
                   registry=self.registry).set_function(controller.energy_norm)
+            budget = controller.budget
+            if budget is not None:
+                Gauge("green_mlops_exit_threshold_ceiling", "Budget policy: the certified exit threshold",
+                      registry=self.registry).set(budget.ceiling)
+                Gauge("green_mlops_shed_total", "Budget policy: requests shed (SLO unmet at the ceiling)",
+                      registry=self.registry).set_function(lambda: budget.shed)
+                loop = budget.loop
+                if loop is not None:
+                    Gauge("green_mlops_slo_p95_target_seconds", "Budget policy: the latency SLO on p95",
+                          registry=self.registry).set(loop.slo_p95_ms / 1e3)
+                    Gauge("green_mlops_slo_p95_seconds", "Budget policy: the recent p95 the SLO loop saw",
+                          registry=self.registry).set_function(lambda: (loop.last_p95_ms or 0.0) / 1e3)
+                    Gauge("green_mlops_exit_threshold", "Budget policy: the SLO loop's exit threshold",
+                          registry=self.registry).set_function(lambda: loop.threshold)
+                    Gauge("green_mlops_shed_probability", "Budget policy: the SLO loop's shed probability",
+                          registry=self.registry).set_function(lambda: loop.shed_probability)
 
 
 def _decision_parameters(outcomes: list[Outcome]) -> dict:
@@ -135,11 +151,15 @@ def _decision_parameters(outcomes: list[Outcome]) -> dict:
     decisions = [o.decision for o in outcomes]
     if decisions[0] is None:
         return {"admitted": True, "action": "full", "controller": "off"}
+    if decisions[0].action == ACTION_SHED:  # the whole request was shed before any model work
+        return {"admitted": False, "action": ACTION_SHED, "tau": decisions[0].tau,
+                "threshold": decisions[0].threshold, "stage": 0}
     stages = outcomes[0].stage if len(outcomes) == 1 else ",".join(str(o.stage) for o in outcomes)
     if len(decisions) == 1:
         d = decisions[0]
-        return {"admitted": d.admitted, "action": d.action, "j": d.j, "tau": d.tau, "u": d.u,
-                "exit": d.exit_index, "stage": stages}
+        single = {"admitted": d.admitted, "action": d.action, "j": d.j, "tau": d.tau, "u": d.u,
+                  "exit": d.exit_index, "stage": stages}
+        return single if d.threshold is None else {**single, "threshold": d.threshold}
     return {
         "admitted": ",".join("true" if d.admitted else "false" for d in decisions),
         "action": ",".join(d.action for d in decisions),
@@ -148,6 +168,8 @@ def _decision_parameters(outcomes: list[Outcome]) -> dict:
         "u": ",".join(f"{d.u:.6g}" for d in decisions),
         "exit": ",".join(str(d.exit_index) for d in decisions),
         "stage": stages,
+        **({} if decisions[0].threshold is None else
+           {"threshold": ",".join(f"{d.threshold:.6g}" for d in decisions)}),
     }
 
 
@@ -281,7 +303,7 @@ def create_app(
         decoded = decode_infer_request(body, header_length, spec.input_name, spec.input_dtype,
                                        settings.max_batch, tokenizer)
         outcomes = target.predict(decoded.batch)
-        if any(o.action == ACTION_REJECT for o in outcomes):
+        if any(o.action in (ACTION_REJECT, ACTION_SHED) for o in outcomes):
             return outcomes, None, None, None
         probabilities = np.stack([o.probabilities for o in outcomes])
         content, headers = encode_infer_response(spec.name, decoded.request_id, probabilities,
@@ -348,6 +370,10 @@ def create_app(
                 outcome_label = "backend_error"
                 return _error(503, f"inference backend unavailable: {exc}", headers=retry)
             action = outcomes[0].action if len(outcomes) == 1 else "batch"
+            if content is None and outcomes[0].action == ACTION_SHED:
+                outcome_label = "shed"
+                return _error(503, "request shed: the latency SLO is not met within the accuracy budget: "
+                                   "retry later", headers=retry, parameters=_decision_parameters(outcomes))
             if content is None:
                 outcome_label = "rejected"
                 return _error(503, "request not admitted by the controller: retry later", headers=retry,

@@ -1,0 +1,91 @@
+"""The budget policy end to end: the certificate from the model's validation split, the clamp that
+congestion cannot pass, refusal of a budget the split cannot certify, and, through a real
+gateway, explicit shedding when the SLO cannot be met within the budget."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from targets.budget_policy import BudgetPolicy
+from targets.certify import calibrate_budget
+from targets.controller import BioController
+from targets.controller_config import ControllerConfig
+from targets.errors import ConfigError
+from targets.make_controller import make_controller
+from tests.test_gateway import infer_body
+
+
+def synthetic_calibration(budget: float = 0.02):
+    rng = np.random.default_rng(0)
+    n = 3000
+    u = rng.uniform(0, 1, (n, 1))
+    labels = rng.integers(0, 2, n)
+    exits = np.where(rng.uniform(size=(n, 1)) < 0.3 * u, 1 - labels[:, None], labels[:, None])
+    return calibrate_budget(u, exits, labels, labels, budget=budget, delta=0.1)
+
+
+def test_congestion_cannot_push_past_the_certified_ceiling(clock):
+    config = ControllerConfig(gamma=1.0, capacity=1, tau0=1.0, tau_inf=1.0, k_per_s=0.0, policy="budget")
+    budget = BudgetPolicy(synthetic_calibration())
+    paper = BioController(ControllerConfig(gamma=1.0, capacity=1, tau0=1.0, tau_inf=1.0, k_per_s=0.0), clock=clock)
+    bounded = BioController(config, clock=clock, budget=budget)
+    for controller in (paper, bounded):
+        for _ in range(10):
+            controller.request_started()  # ĉ = 1: the paper's J > τ for every u < 1
+    u = min(0.99, budget.ceiling + 0.05)
+    assert not paper.decide(u).admitted
+    decision = bounded.decide(u)
+    assert decision.admitted and decision.threshold == budget.ceiling
+    assert not bounded.decide(budget.ceiling / 2).admitted  # below the ceiling J still decides
+
+
+def test_a_policy_and_its_budget_go_together(clock):
+    with pytest.raises(ConfigError):
+        BioController(ControllerConfig(policy="budget"), clock=clock)
+    with pytest.raises(ConfigError):
+        BioController(ControllerConfig(), clock=clock, budget=BudgetPolicy(synthetic_calibration()))
+
+
+def test_digits_certifies_from_its_validation_split(digits_spec, digits_backend):
+    config = ControllerConfig(policy="budget", accuracy_budget_pp=2.0)
+    controller = make_controller(config, digits_spec, digits_backend)
+    cert = controller.budget.calibration.certificate
+    assert cert.certified and cert.n == len(digits_spec.load_validation()[1])
+    assert 0 < controller.budget.ceiling <= 1
+    with pytest.raises(ConfigError, match="smallest it can certify"):
+        make_controller(ControllerConfig(policy="budget", accuracy_budget_pp=0.1), digits_spec, digits_backend)
+
+
+def test_validate_refuses_an_uncertifiable_budget_with_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "green_mlops.cli", "validate", "--no-load", "--energy", "off",
+                             "--policy", "budget", "--accuracy-budget-pp", "0.1", "--results", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "smallest it can certify" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gateway_sheds_explicitly_when_the_slo_cannot_be_met(start_gateway, digits_eval):
+    gateway = start_gateway("--controller", "bio", "--policy", "budget", "--accuracy-budget-pp", "2",
+                            "--slo-p95-ms", "0.001", "--energy", "off")
+    x = digits_eval[0]
+    statuses, actions = [], []
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        for i in range(400):
+            response = client.post("/v2/models/digits/infer", json=infer_body(x[i % len(x) : i % len(x) + 1]))
+            statuses.append(response.status_code)
+            actions.append(response.json()["parameters"]["action"])
+            if response.status_code == 503:
+                assert response.headers["Retry-After"] and "shed" in response.json()["error"]
+        state = client.get("/v2/controller").json()
+        metrics = client.get("/metrics").text
+    shed = actions.count("shed")
+    assert shed > 0 and statuses.count(503) == shed and set(statuses) == {200, 503}
+    assert state["policy"] == "budget" and state["shed"] == shed
+    assert state["budget"]["slo"]["threshold"] == state["budget"]["ceiling"]  # nothing more may be skipped
+    assert state["budget"]["slo"]["shed_probability"] > 0
+    assert f"green_mlops_shed_total {float(shed)}" in metrics
+    assert 'outcome="shed"' in metrics and "green_mlops_slo_p95_target_seconds 1e-06" in metrics
