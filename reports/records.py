@@ -2,59 +2,18 @@
 per-phase figures."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from reports.checks import check_record, json_lines
 from reports.stats import latency_summary
-from targets.errors import RecordsError
-
-_NUMBERS = ("t_sent", "latency_ms")  # required
-_OPTIONAL_NUMBERS = ("t_intended", "service_ms", "tau", "u")  # may be null
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
-def check_record(record, where: str) -> dict:
-    """``record`` if it is one request's record, else RecordsError naming ``where`` and the field."""
-    if not isinstance(record, dict):
-        raise RecordsError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    status = record.get("status")
-    if not isinstance(status, int) or isinstance(status, bool):
-        raise RecordsError(f"{where}: 'status' must be an HTTP status code, got {status!r:.40}")
-    for name in _NUMBERS:
-        if not _is_number(record.get(name)):
-            raise RecordsError(f"{where}: '{name}' must be a finite number, got {record.get(name)!r:.40}")
-    for name in _OPTIONAL_NUMBERS:
-        if record.get(name) is not None and not _is_number(record[name]):
-            raise RecordsError(f"{where}: '{name}' must be a finite number or null, got {record[name]!r:.40}")
-    if not isinstance(record.get("phase", ""), str):
-        raise RecordsError(f"{where}: 'phase' must be a string, got {record['phase']!r:.40}")
-    return record
 
 
 def read_records(path: Path) -> list[dict]:
-    """All records of a requests.jsonl, each checked (RecordsError names the line and field).
-    Only the last line may be cut short (a crash mid-write): it is skipped."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecordsError(f"cannot read {path}: {exc}") from exc
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                continue
-            raise RecordsError(f"{path}:{number}: not a JSON record: {exc}") from None
-        records.append(check_record(record, f"{path}:{number}"))
-    return records
+    """All complete records of a requests.jsonl, each checked (RecordsError names the line and the
+    field); a line cut short by a crash is skipped."""
+    return json_lines(path, check_record)
 
 
 def phase_summary(records: list[dict]) -> list[dict]:

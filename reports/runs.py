@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reports.checks import check_metadata, check_sample, check_window, json_lines
 from reports.records import read_records
 from targets.errors import GreenMLOpsError
 
@@ -24,27 +25,13 @@ class Run:
         return self.metadata.get("scenario", self.name)
 
 
-def _json_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return rows
-
-
 def load_run(path: Path) -> Run:
     try:
         metadata = json.loads((path / "run.json").read_text()) if (path / "run.json").exists() else {}
     except json.JSONDecodeError as exc:
         raise GreenMLOpsError(f"{path / 'run.json'} is not valid JSON: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise GreenMLOpsError(f"{path / 'run.json'} must hold a JSON object, got {type(metadata).__name__}")
-    return Run(path.name, path, metadata, read_records(path / "requests.jsonl"),
-               _json_lines(path / "windows.jsonl"), _json_lines(path / "timeline.jsonl"))
+    return Run(path.name, path, check_metadata(metadata, str(path / "run.json")), read_records(path / "requests.jsonl"),
+               json_lines(path / "windows.jsonl", check_window), json_lines(path / "timeline.jsonl", check_sample))
 
 
 def find_runs(results: Path) -> list[Run]:

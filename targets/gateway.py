@@ -53,7 +53,11 @@ class GatewaySettings:
 
 
 class PayloadTooLarge(Exception):
-    pass
+    """The body is over the limit; ``more`` says whether some of it is still to arrive."""
+
+    def __init__(self, more: bool = True):
+        super().__init__()
+        self.more = more
 
 
 class ClientGone(Exception):
@@ -184,7 +188,7 @@ async def _read_body(receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge
+            raise PayloadTooLarge(more=bool(message.get("more_body", False)))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -323,10 +327,10 @@ def create_app(
                 raise PayloadTooLarge
             async with asyncio.timeout(timeout_s):
                 return await _read_body(request.receive, limit)
-        except PayloadTooLarge:
+        except PayloadTooLarge as exc:
             metrics.requests.labels(spec.name, "too_large", "none").inc()
             expects_continue = "100-continue" in request.headers.get("expect", "").lower()
-            if not expects_continue and (declared is None or declared <= DRAIN_MAX_BYTES):
+            if exc.more and not expects_continue and (declared is None or declared <= DRAIN_MAX_BYTES):
                 await _discard_body(request.receive, timeout_s - (time.monotonic() - started))
             return _error(413, too_large, headers=close)
         except TimeoutError:

@@ -150,18 +150,24 @@ class TritonServer:
         self._wait_ready(startup_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
+        """Until the server says it is ready and its metrics endpoint answers (both start apart)."""
         deadline = time.monotonic() + timeout_s
+        waiting = [f"http://{self.url}/v2/health/ready", self.metrics_url]
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BackendError(f"tritonserver exited with {self.process.returncode}: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1) as response:
+                with urllib.request.urlopen(waiting[0], timeout=1) as response:
                     if response.status == 200:
-                        return
+                        waiting.pop(0)
+                        if not waiting:
+                            return
+                        continue
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.1)
-        raise BackendError(f"tritonserver was not ready within {timeout_s:.0f} s: {self.log_tail()}")
+        raise BackendError(f"tritonserver was not ready within {timeout_s:.0f} s ({waiting[0]} did not "
+                           f"answer): {self.log_tail()}")
 
     def model_ready(self, name: str) -> bool:
         try:

@@ -84,10 +84,13 @@ def good_record(**changes) -> dict:
         (["[1, 2]", json.dumps(good_record())], ("requests.jsonl:1", "JSON object")),
         ([json.dumps(good_record(status="200"))], ("requests.jsonl:1", "'status'")),
         ([json.dumps(good_record()), json.dumps(good_record(latency_ms=None))], ("requests.jsonl:2", "'latency_ms'")),
+        ([json.dumps(good_record(latency_ms="1"))], ("requests.jsonl:1", "'latency_ms'")),
+        ([json.dumps(good_record(outcome="lost"))], ("requests.jsonl:1", "'outcome'")),
         ([json.dumps(good_record(tau="x"))], ("requests.jsonl:1", "'tau'")),
         ([json.dumps(good_record(phase=3))], ("requests.jsonl:1", "'phase'")),
-        (["{not json", json.dumps(good_record())], ("requests.jsonl:1", "not a JSON record")),
-        ([json.dumps({k: v for k, v in good_record().items() if k != "t_sent"})], ("requests.jsonl:1", "'t_sent'")),
+        (["not json", json.dumps(good_record())], ("requests.jsonl:1", "not a JSON record")),
+        ([json.dumps({k: v for k, v in good_record().items() if k not in ("t_sent", "t_intended")})],
+         ("requests.jsonl:1", "'t_sent'")),
     ],
 )
 def test_malformed_records_are_one_line_and_exit_2(tmp_path, lines, names):
@@ -100,12 +103,44 @@ def test_malformed_records_are_one_line_and_exit_2(tmp_path, lines, names):
     assert all(name in result.stderr for name in names)
 
 
-def test_a_last_line_cut_short_by_a_crash_is_skipped(tmp_path):
+def test_a_line_cut_short_by_a_crash_is_skipped(tmp_path):
     from reports.records import read_records
 
     path = tmp_path / "requests.jsonl"
     path.write_text(json.dumps(good_record()) + "\n" + json.dumps(good_record())[:20])
     assert len(read_records(path)) == 1
+
+
+def test_records_of_the_outcome_format_pass(tmp_path):
+    """Records that say their outcome: a request cut off before it went on the wire has no
+    t_sent, no latency and status 0."""
+    from reports.records import read_records
+
+    cut_off = good_record(outcome="cut_off", status=0, t_sent=None, latency_ms=None, service_ms=None,
+                          tau=None, u=None, reason="not yet on the wire when the run ended")
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (good_record(outcome="answered"), cut_off)) + "\n")
+    assert len(read_records(path)) == 2
+
+
+@pytest.mark.parametrize(
+    "file, line, names",
+    [
+        ("windows.jsonl", "[1]", ("windows.jsonl:1", "JSON object")),
+        ("windows.jsonl", '{"energy_j": "x", "duration_s": 1}', ("windows.jsonl:1", "'energy_j'")),
+        ("windows.jsonl", '{"energy_j": 1.0}', ("windows.jsonl:1", "'duration_s'")),
+        ("timeline.jsonl", '{"t_s": "x"}', ("timeline.jsonl:1", "'t_s'")),
+        ("run.json", '{"scenario": 5}', ("run.json", "'scenario'")),
+    ],
+)
+def test_malformed_windows_samples_and_run_metadata_are_exit_2(tmp_path, file, line, names):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "requests.jsonl").write_text(json.dumps(good_record()) + "\n")
+    (run / file).write_text(line + "\n")
+    result = run_cli("report", str(run), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and all(name in result.stderr for name in names)
 
 
 def test_run_json_must_be_an_object(tmp_path):
@@ -114,4 +149,4 @@ def test_run_json_must_be_an_object(tmp_path):
     (run / "requests.jsonl").write_text(json.dumps(good_record()) + "\n")
     (run / "run.json").write_text("[1]")
     result = run_cli("report", str(run), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "run.json must hold a JSON object" in result.stderr
+    assert result.returncode == 2 and "run.json: must be a JSON object" in result.stderr

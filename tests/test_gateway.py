@@ -625,3 +625,16 @@ def test_sigterm_right_after_the_ready_line_stops_the_gateway():
         finally:
             process.kill()
             process.communicate()
+
+
+def test_an_oversized_body_that_arrived_whole_is_answered_at_once(gateway_bio):
+    """Over the limit on its last piece: nothing is left to drain, the 413 comes at once."""
+    body = b" " * 65600
+    head = (b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(body))
+    for _ in range(5):
+        sock = raw_request(gateway_bio.host_port, head, body + b"\r\n0\r\n\r\n", timeout_s=5)
+        try:
+            assert read_status(sock) == 413
+        finally:
+            sock.close()
