@@ -1,10 +1,13 @@
 """Run a locustfile scenario headless as a child process, bounded in time, and wait for it.
 
 The locustfile is the unit users run (`locust -f loadtests/bio.py`), so the main job runs exactly
-that; a child process also keeps gevent's monkey-patching out of the caller's process.
+that; a child process also keeps gevent's monkey-patching out of the caller's process. Its output
+goes to ``RESULTS/locust.log`` (a file, so no pipe can fill). Ctrl-C (or SIGTERM) of the caller
+is passed on: the child stops gracefully and finishes its records and ``run.json`` first.
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ from targets.errors import GreenMLOpsError
 
 SCENARIOS = ("standard", "bio")
 STARTUP_ALLOWANCE_S = 60.0
+INTERRUPT_GRACE_S = 30.0  # how long an interrupted child may take to write what it has
+LOG_FILE = "locust.log"
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,8 @@ class LoadSpec:
     phase_s: float = 5.0
     run_time_s: int = 15
     arrival_rate: float = 0.0  # open loop when > 0
+    seed: int = 0
+    schedule: Path | None = None  # open loop: replay this schedule.json
     model: str = "digits"
     energy: str = "auto"
     country: str = "USA"
@@ -35,24 +42,50 @@ def locustfile(scenario: str) -> Path:
     return Path(__file__).resolve().parent / f"{scenario}.py"
 
 
-def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None = None) -> Path:
-    """Run ``scenario`` into ``results``; returns ``results``. GreenMLOpsError if Locust fails."""
+def command_for(scenario: str, results: Path, spec: LoadSpec, host: str | None = None) -> list[str]:
     command = [sys.executable, "-m", "locust", "-f", str(locustfile(scenario)), "--headless",
                "--shape", spec.shape, "--base-users", str(spec.base_users), "--phase-s", str(spec.phase_s),
                "-t", str(spec.run_time_s), "--model", spec.model, "--energy", spec.energy,
                "--country", spec.country, "--results", str(results)]
     if spec.arrival_rate > 0:
-        command += ["--arrival-rate", str(spec.arrival_rate)]
+        command += ["--arrival-rate", str(spec.arrival_rate), "--seed", str(spec.seed)]
+        if spec.schedule is not None:
+            command += ["--schedule", str(spec.schedule)]
     if spec.controller_config is not None:
         command += ["--controller-config", str(spec.controller_config)]
     if host:
         command += ["--host", host]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True,
-                              timeout=spec.run_time_s + STARTUP_ALLOWANCE_S)
-    except subprocess.TimeoutExpired as exc:
-        raise GreenMLOpsError(f"the {scenario} load test did not finish within "
-                              f"{spec.run_time_s + STARTUP_ALLOWANCE_S:.0f} s") from exc
-    if done.returncode != 0 or not (results / "requests.jsonl").exists():
-        raise GreenMLOpsError(f"the {scenario} load test failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return command
+
+
+def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None = None) -> Path:
+    """Run ``scenario`` into ``results``; returns ``results``. GreenMLOpsError if Locust fails;
+    KeyboardInterrupt, once the child has stopped, if the caller is interrupted."""
+    results.mkdir(parents=True, exist_ok=True)
+    log_path = results / LOG_FILE
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command_for(scenario, results, spec, host), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = process.wait(timeout=spec.run_time_s + STARTUP_ALLOWANCE_S)
+        except subprocess.TimeoutExpired as exc:
+            _stop(process)
+            raise GreenMLOpsError(f"the {scenario} load test did not finish within "
+                                  f"{spec.run_time_s + STARTUP_ALLOWANCE_S:.0f} s (log: {log_path})") from exc
+        except BaseException:  # Ctrl-C: the child finishes what it recorded, then we go on
+            _stop(process)
+            raise
+    if code != 0 or not (results / "requests.jsonl").exists():
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise GreenMLOpsError(f"the {scenario} load test failed (exit {code}, log: {log_path}):\n{tail}")
     return results
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGINT (a graceful stop: records and run.json are finished), then SIGKILL if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=INTERRUPT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

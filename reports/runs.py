@@ -9,6 +9,9 @@ from pathlib import Path
 from reports.records import read_records
 from targets.errors import GreenMLOpsError
 
+REFERENCE_FILE = "reference.json"  # written by the locustfiles (loadtests/reference.py)
+ABLATION_FILE = "ablation.json"  # written by validate once the in-process ablation is done
+
 
 @dataclass
 class Run:
@@ -18,6 +21,7 @@ class Run:
     records: list[dict]
     windows: list[dict] = field(default_factory=list)
     timeline: list[dict] = field(default_factory=list)
+    reference: dict | None = None  # reference.json: the full and exit answers per evaluation row
 
     @property
     def scenario(self) -> str:
@@ -42,7 +46,36 @@ def load_run(path: Path) -> Run:
     except json.JSONDecodeError as exc:
         raise GreenMLOpsError(f"{path / 'run.json'} is not valid JSON: {exc}") from exc
     return Run(path.name, path, metadata, read_records(path / "requests.jsonl"),
-               _json_lines(path / "windows.jsonl"), _json_lines(path / "timeline.jsonl"))
+               _json_lines(path / "windows.jsonl"), _json_lines(path / "timeline.jsonl"), _reference(path))
+
+
+def _reference(path: Path) -> dict | None:
+    """The run's reference answers (``reference.json``), or None for a run recorded without."""
+    file = path / REFERENCE_FILE
+    if not file.exists():
+        return None
+    try:
+        document = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise GreenMLOpsError(f"{file} is not valid JSON: {exc}") from exc
+    keys = ("label", "full_predicted", "exit_predicted", "exit_u")
+    if not isinstance(document, dict) or any(k not in document for k in keys):
+        raise GreenMLOpsError(f"{file} lacks one of {', '.join(keys)}")
+    return document
+
+
+def load_ablation(results: Path) -> dict | None:
+    """The in-process ablation's figures (``ablation/ablation.json``, else ``validate.json``)
+    when ``results`` is a validate directory; None otherwise."""
+    for file in (results / "ablation" / ABLATION_FILE, results / "validate.json"):
+        if file.exists():
+            try:
+                document = json.loads(file.read_text())
+            except json.JSONDecodeError as exc:
+                raise GreenMLOpsError(f"{file} is not valid JSON: {exc}") from exc
+            if isinstance(document, dict) and "claims" in document and "standard" in document:
+                return {k: v for k, v in document.items() if k != "load_test"}
+    return None
 
 
 def find_runs(results: Path) -> list[Run]:
