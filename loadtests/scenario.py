@@ -39,7 +39,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.records import RUN_FILE, RecordWriter
 from loadtests.schedule import SCHEDULE_FILE, Schedule, ScheduleError, load_schedule, make_schedule
-from loadtests.shapes import SHAPES, Shape, ShapeParams
+from loadtests.shapes import SHAPES, Shape, ShapeParams, spawn_rate
 from reports.records import phase_summary, read_records
 
 RECORDS_MESSAGE = "green_mlops_records"
@@ -216,14 +216,19 @@ def _init(environment, **_):
         if RUN.profiler.sources:
             RUN.energy_feed = PeriodicEnergyFeed(RUN.profiler, None, lambda: RUN.writer.count, 1.0)
             RUN.sampler = Sampler(RUN.profiler, 10.0, RUN.results_dir / "timeline.jsonl")
-    # SIGINT takes the same path as SIGTERM: a handler greenlet, never a KeyboardInterrupt raised
-    # wherever the interpreter happens to be (inside a user's request, the hub or the writer).
+    # SIGINT and SIGTERM take one path: a gevent handler that interrupts Locust's main greenlet
+    # where it waits. Python's own SIGINT handler raises KeyboardInterrupt in whichever greenlet
+    # happens to run (a user mid-request, whose answered request is then lost, the shape or the
+    # hub); and Locust installs its SIGTERM handler only once a headless shape run is over, so
+    # until then SIGTERM killed the process outright, run.json unfinished.
     gevent.signal_handler(signal.SIGINT, _interrupt)
+    gevent.signal_handler(signal.SIGTERM, _interrupt)
 
 
 def _interrupt() -> None:
-    """Ctrl-C: interrupt Locust's main greenlet where it waits, as Locust expects; once only
-    (a second Ctrl-C, or the one a parent passes on, must not break the graceful stop)."""
+    """Ctrl-C or SIGTERM: interrupt Locust's main greenlet where it waits, as Locust expects of
+    Ctrl-C; once only (a second signal, or the one a parent passes on, must not break the
+    graceful stop)."""
     if RUN.interrupted or RUN.finishing:
         return
     RUN.interrupted = True
@@ -642,6 +647,6 @@ class CongestionShape(LoadTestShape):
             return None
         if options.arrival_rate > 0:
             users = max(options.open_loop_users, 1)
-            return users, RUN.spawn_rate or users, [OpenLoopUser]
+            return users, spawn_rate(users, RUN.spawn_rate), [OpenLoopUser]
         users = shape.users_at(t)
-        return users, RUN.spawn_rate or max(users, 1) * 10, [ClosedLoopUser]
+        return users, spawn_rate(users, RUN.spawn_rate), [ClosedLoopUser]
