@@ -74,10 +74,20 @@ def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None 
         except BaseException:  # Ctrl-C: the child finishes what it recorded, then we go on
             _stop(process)
             raise
-    if code != 0 or not (results / "requests.jsonl").exists():
+    # Locust exits 1 when requests failed: the run is complete and its report says INVALID.
+    if code not in (0, 1) or not _finished(results):
         tail = log_path.read_text(errors="replace")[-2000:]
         raise GreenMLOpsError(f"the {scenario} load test failed (exit {code}, log: {log_path}):\n{tail}")
     return results
+
+
+def _finished(results: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((results / "run.json").read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
 
 
 def _stop(process: subprocess.Popen) -> None:
