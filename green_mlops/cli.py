@@ -263,8 +263,9 @@ def _run_report(args) -> int:
 
     out = args.out or args.results
     summary = build_report(args.results, out, args.baseline, args.min_duration_s, args.min_requests)
-    print_report(summary)
+    print_report(summary, verdict=False)
     Console().print(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}", soft_wrap=True)
+    Console().print(summary["verdict"], highlight=False, markup=False, soft_wrap=True)  # the last line
     failures = gate_failures(summary)
     if args.gate and failures:
         stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False)

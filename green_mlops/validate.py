@@ -113,8 +113,9 @@ def run_validate(args) -> int:
     for path in filter(None, (args.json_path, results / "validate.json")):
         _write_json(path, summary)
         console.print(f"figures written to {path}", highlight=False)
-    if args.no_load:
-        console.print(_in_process_verdict(summary), highlight=False, markup=False, soft_wrap=True)
+    load = summary.get("load_test") or {}
+    verdict = load.get("verdict") or _in_process_verdict(summary, interrupted)
+    console.print(verdict, highlight=False, markup=False, soft_wrap=True)  # one verdict line, last
     if interrupted:
         stderr.print("interrupted: the finished ablation and every recorded request are on disk", highlight=False)
         return EXIT_INTERRUPTED
@@ -124,11 +125,12 @@ def run_validate(args) -> int:
     return 0
 
 
-def _in_process_verdict(summary: dict) -> str:
+def _in_process_verdict(summary: dict, interrupted: bool = False) -> str:
     held = [c["name"] for c in summary["claims"] if c["passed"]]
     missed = [c["name"] for c in summary["claims"] if not c["passed"]]
     parts = [f"held: in-process {', in-process '.join(held)}" if held else "",
              f"not held: in-process {', in-process '.join(missed)}" if missed else "",
+             "load test interrupted: nothing judged under load" if interrupted else
              "no load test (--no-load): nothing judged under load"]
     return "verdict: " + " · ".join(p for p in parts if p)
 
@@ -174,7 +176,7 @@ def _report(results: Path, console: Console) -> dict:
     from reports.render import print_report
 
     report = build_report(results, results)
-    print_report(report, console)
+    print_report(report, console, verdict=False)  # validate prints the verdict line last
     console.print(f"report: {results / 'report.html'}", highlight=False, soft_wrap=True, markup=False)
     return {"results": str(results), "valid": report["valid"], "invalid_reasons": report["invalid_reasons"],
             "claims": report["claims"], "comparison": report["comparison"], "verdict": report["verdict"],

@@ -289,8 +289,9 @@ def _claims_table(title: str, claims: list[dict]) -> Table:
     return table
 
 
-def print_report(summary: dict, console: Console | None = None) -> None:
-    """The report on the console; it ends with the one verdict line."""
+def print_report(summary: dict, console: Console | None = None, verdict: bool = True) -> None:
+    """The report on the console; it ends with the one verdict line (``verdict=False``: the
+    caller prints it last, after its own lines)."""
     console = console or Console()
     style = "bold green" if summary["valid"] else "bold red"
     console.print(f"[{style}]load test {_verdict(summary)}[/]")
@@ -315,4 +316,5 @@ def print_report(summary: dict, console: Console | None = None) -> None:
         console.print(f"failure: {line}", highlight=False, markup=False)
     for regression in summary.get("regressions", []):
         console.print(f"[red]regression:[/] {escape(regression)}", highlight=False)
-    console.print(summary["verdict"], highlight=False, markup=False, soft_wrap=True)
+    if verdict:
+        console.print(summary["verdict"], highlight=False, markup=False, soft_wrap=True)

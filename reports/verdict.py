@@ -68,17 +68,33 @@ def is_estimate(label: str) -> bool:
     return label == "none" or "estimated" in label
 
 
+def _gpu_only(windows: list[dict]) -> list[dict] | None:
+    """Where NVML read every window: the windows with their GPU energy alone (the system under
+    test's accelerator; the load generator uses none of it). None otherwise."""
+    gpu = []
+    for w in windows:
+        readings = [r for r in w.get("sources") or [] if r.get("source") == "nvml" and r.get("energy_j") is not None]
+        if not readings:
+            return None
+        gpu.append({**w, "energy_j": sum(r["energy_j"] for r in readings), "energy_source": "measured:nvml"})
+    return gpu or None
+
+
 def _energy(run: Run, answered: int) -> dict:
     windows = [w for w in run.windows if w.get("energy_j") is not None]
     co2_windows = [w for w in run.windows if w.get("co2_g") is not None]
+    # NVML separates the system under test from Locust; RAPL and CodeCarbon read the whole machine.
+    gpu = _gpu_only(windows)
+    machine_j = sum(w["energy_j"] for w in windows) if windows else None
+    if gpu is not None:
+        windows = gpu
     energy_j = sum(w["energy_j"] for w in windows) if windows else None
     source = energy_label(windows) if windows else "none"
     return {
         "energy_per_request_j": energy_j / answered if energy_j is not None and answered else None,
         "energy_source": source,
-        # NVML reads the GPU alone; RAPL and CodeCarbon read the whole machine, Locust included.
-        "energy_includes_load_generator": None if not windows else any("nvml" not in w["energy_source"]
-                                                                       for w in windows),
+        "energy_includes_load_generator": None if not windows else gpu is None,
+        "machine_energy_per_request_j": machine_j / answered if machine_j is not None and answered else None,
         "co2_g_per_1k_requests": 1000 * sum(w["co2_g"] for w in co2_windows) / answered
         if co2_windows and answered else None,
         "co2_source": energy_label(co2_windows, "co2_source") if co2_windows and

@@ -163,12 +163,25 @@ def test_energy_from_an_estimate_is_not_measurable_and_not_gated():
 
 
 def test_measured_energy_decides_the_claim_and_labels_stay_per_source():
-    measured = [window(10.0, "measured:nvml")], [window(5.0, "measured:nvml"), window(1.0, "measured:rapl")]
+    measured = [window(10.0, "measured:rapl")], [window(5.0, "measured:rapl"), window(1.0, "measured:rapl+x")]
     summary = build_summary(pair(windows=measured), rules=RULES)
     energy = claim(summary, "energy_reduction")
     assert energy["status"] == "held" and energy["gated"]
-    assert summary["runs"]["bio"]["energy_source"] == "measured:nvml+measured:rapl"  # not the last one seen
-    assert summary["runs"]["standard"]["energy_includes_load_generator"] is False  # NVML reads the GPU alone
+    assert "includes the load generator" in energy["reason"]  # RAPL reads the whole machine
+    assert summary["runs"]["bio"]["energy_source"] == "measured:rapl+measured:rapl+x"  # not the last one seen
+
+
+def test_nvml_keeps_the_load_generator_out_of_the_energy_of_the_system_under_test():
+    def gpu_window(gpu_j: float, cpu_j: float) -> dict:
+        return {**window(gpu_j + cpu_j, "measured:nvml+measured:rapl"),
+                "sources": [{"source": "nvml", "energy_j": gpu_j}, {"source": "rapl", "energy_j": cpu_j}]}
+
+    summary = build_summary(pair(windows=([gpu_window(10.0, 50.0)], [gpu_window(4.0, 50.0)])), rules=RULES)
+    std = summary["runs"]["standard"]
+    assert std["energy_source"] == "measured:nvml" and std["energy_includes_load_generator"] is False
+    assert std["energy_per_request_j"] == pytest.approx(10.0 / 2000)
+    assert std["machine_energy_per_request_j"] == pytest.approx(60.0 / 2000)
+    assert summary["comparison"]["energy_reduction_pct"] == pytest.approx(60.0)
 
 
 def test_the_verdict_line_says_what_held_and_what_valid_means():
