@@ -392,7 +392,11 @@ def ablation_claims(ablation: dict | None) -> list[dict]:
     """The in-process ablation's claims in the report's form (held / not_held)."""
     if not ablation:
         return []
-    return [{**c, "status": HELD if c.get("passed") else NOT_HELD} for c in ablation.get("claims", [])]
+    intervals = {"latency_reduction": ablation.get("latency_reduction_ci95_pct"),
+                 "accuracy_loss": ablation.get("accuracy_loss_ci95_pp")}
+    n = (ablation.get("standard") or {}).get("n_requests")
+    return [{"ci95": intervals.get(c.get("name")), **c, "n": [n, n] if n else None,
+             "status": HELD if c.get("passed") else NOT_HELD} for c in ablation.get("claims", [])]
 
 
 def verdict_line(summary: dict) -> str:
