@@ -96,6 +96,8 @@ def _stop(process: subprocess.Popen) -> None:
         process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=INTERRUPT_GRACE_S)
-    except subprocess.TimeoutExpired:
+    except BaseException:  # it hangs, or a second Ctrl-C: never leave it running
         process.kill()
         process.wait()
+        if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
+            raise
