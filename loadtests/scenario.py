@@ -165,6 +165,8 @@ def _init(environment, **_):
     if options.request_timeout_s <= 0:
         _exit_usage("--request-timeout-s must be > 0")
     _InferUser.network_timeout = _InferUser.connection_timeout = options.request_timeout_s
+    if environment.runner is not None:
+        _quit_after_graceful_stop(environment.runner)
     if isinstance(environment.runner, WorkerRunner):
         return  # workers learn the host from the master's spawn message
     RUN.spawn_rate = options.spawn_rate  # None unless -r was given (Locust defaults it later)
@@ -223,6 +225,21 @@ def _init(environment, **_):
     # until then SIGTERM killed the process outright, run.json unfinished.
     gevent.signal_handler(signal.SIGINT, _interrupt)
     gevent.signal_handler(signal.SIGTERM, _interrupt)
+
+
+def _quit_after_graceful_stop(runner) -> None:
+    """Locust's ``-t`` timer calls ``runner.quit()`` while the shape's own end may be stopping the
+    users gracefully; quit's second ``stop()`` then finds no user left to wait for and kills the
+    users with their request in hand. Make quit wait for a stop in progress first (bounded)."""
+    quit_now = runner.quit
+
+    def quit() -> None:
+        deadline = time.monotonic() + GRACEFUL_STOP_S + 2
+        while runner.state in ("cleanup", "stopping") and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        quit_now()
+
+    runner.quit = quit
 
 
 def _interrupt() -> None:

@@ -100,14 +100,24 @@ def recorded(results: Path) -> list[dict]:
 
 
 def check_against_gateway(records: list[dict], before: Counter, after: Counter) -> None:
+    """Every answer the gateway gave is a record; what is not an answer was cut off (a user the
+    shape stopped, or the run's end), never failed."""
     served_now = after - before
-    assert sum(served_now.values()) == len(records) > 0
-    assert Counter(r["action"] for r in records) == served_now
-    for r in records:
-        assert r["status"] == 200 and r["outcome"] == "answered"
+    answered = [r for r in records if r["outcome"] == "answered"]
+    cut_off = [r for r in records if r["outcome"] == "cut_off"]
+    assert len(answered) + len(cut_off) == len(records) and len(answered) > 0
+    in_flight = [r for r in cut_off if r["t_sent"] is not None]  # the gateway may have answered these
+    assert len(answered) <= sum(served_now.values()) <= len(answered) + len(in_flight)
+    assert len(cut_off) <= max(4, len(records) // 200)  # at most a handful, at the edges
+    if not in_flight:
+        assert Counter(r["action"] for r in answered) == served_now
+    for r in answered:
+        assert r["status"] == 200
         assert r["correct"] == (r["predicted"] == r["label"])
         assert r["admitted"] == (r["action"] == "full")
         assert r["latency_ms"] >= r["service_ms"] > 0
+    for r in cut_off:
+        assert r["reason"] and not r["correct"]
 
 
 @pytest.mark.parametrize(
