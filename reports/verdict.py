@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reports.ablation import CLAIM_TOLERANCE, PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT
-from reports.records import ANSWERED, FAILED, REJECTED, outcome, phase_summary, request_figures
+from reports.records import ANSWERED, REJECTED, outcome, phase_summary, request_figures
 from reports.runs import Run
 from reports.stats import cluster_mean_ci, independent_bootstrap_ci, reduction_pct
 
