@@ -48,12 +48,25 @@ def parse_html(path: Path) -> StrictParser:
 def recorded_runs(tmp_path_factory):
     """A standard and a bio run, each a real 6 s headless open-loop Locust run under a spike,
     replaying the same seeded schedule."""
+    import os
+    import signal
+
     root = tmp_path_factory.mktemp("runs")
     for scenario in ("standard", "bio"):
-        subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / f"{scenario}.py"),
-                        "--headless", "--shape", "spike", "--base-users", "2", "--phase-s", "2", "-t", "6",
-                        "--arrival-rate", "40", "--seed", "3", "--results", str(root / scenario)],
-                       cwd=root, check=True, capture_output=True, timeout=120)
+        process = subprocess.Popen([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / f"{scenario}.py"),
+                                    "--headless", "--shape", "spike", "--base-users", "2", "--phase-s", "2", "-t", "6",
+                                    "--arrival-rate", "40", "--seed", "3", "--results", str(root / scenario)],
+                                   cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        try:
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr[-3000:]
+        finally:  # the run and the gateway it started, whatever happened
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=30)
     return root
 
 
