@@ -331,6 +331,44 @@ def _stability_cv(records: list[dict], seconds: int) -> float | None:
     return float(tail.std() / tail.mean()) if tail.mean() > 0 else None
 
 
+def _kept_up(records: list[dict], seconds: int) -> float | None:
+    """Open loop: requests completed (answered or rejected) over requests that arrived in the last
+    whole seconds of the schedule; 1.0 when the server keeps up, below when a queue grows.
+    (The throughput CV of the closed-loop rule would judge Poisson noise, not the server.)"""
+    timed = [r for r in records if r.get("t_intended") is not None]
+    if not timed:
+        return None
+    start = min(r["t_intended"] for r in timed)
+    last_whole = int(max(r["t_intended"] for r in timed) - start)
+    if last_whole < seconds:
+        return None
+    lo, hi = start + last_whole - seconds, start + last_whole
+    arrived = sum(lo <= r["t_intended"] < hi for r in timed)
+    done = [r["t_intended"] + (r["latency_ms"] or 0.0) / 1e3 for r in timed
+            if outcome(r) in (ANSWERED, REJECTED)]
+    completed = sum(lo <= t < hi for t in done)
+    return completed / arrived if arrived else None
+
+
+def _stability_reason(run: Run, rules: ValidityRules) -> str | None:
+    if run.metadata.get("open_loop"):
+        kept = _kept_up(run.records, rules.stability_windows)
+        if kept is None:
+            return f"{run.name}: too short to judge the stability of its last {rules.stability_windows} seconds"
+        if abs(kept - 1.0) > rules.max_stability_cv:
+            return (f"{run.name}: completed {100 * kept:.0f} % as many requests as arrived in its last "
+                    f"{rules.stability_windows} s (allowed {100 * (1 - rules.max_stability_cv):g}–"
+                    f"{100 * (1 + rules.max_stability_cv):g} %): not a steady state (a queue grows or drains)")
+        return None
+    cv = _stability_cv(run.records, rules.stability_windows)
+    if cv is None:
+        return f"{run.name}: too short to judge the stability of its last {rules.stability_windows} seconds"
+    if cv > rules.max_stability_cv:
+        return (f"{run.name}: throughput of the last {rules.stability_windows} s varies by "
+                f"{100 * cv:.0f} % (max {100 * rules.max_stability_cv:g} %): not stable")
+    return None
+
+
 def validity(runs: list[Run], figures: list[dict], rules: ValidityRules = ValidityRules(),
              comparison: dict | None = None) -> list[str]:
     """Why the report is INVALID (empty: VALID)."""
@@ -357,13 +395,9 @@ def validity(runs: list[Run], figures: list[dict], rules: ValidityRules = Validi
             reasons.append(f"{run.name}: achieved {f['achieved_rps']:.1f} requests/s of the {s['requested_rps']:.1f} "
                            f"requested ({f['sent']} of {s['n_scheduled']} scheduled sent, "
                            f"{100 * f['achieved_fraction']:.1f} % < {100 * rules.min_achieved_fraction:g} %)")
-        cv = _stability_cv(run.records, rules.stability_windows)
-        if cv is None:
-            reasons.append(f"{run.name}: too short to judge the stability of its last "
-                           f"{rules.stability_windows} seconds")
-        elif cv > rules.max_stability_cv:
-            reasons.append(f"{run.name}: throughput of the last {rules.stability_windows} s varies by "
-                           f"{100 * cv:.0f} % (max {100 * rules.max_stability_cv:g} %): not stable")
+        stability = _stability_reason(run, rules)
+        if stability:
+            reasons.append(stability)
     if comparison is not None:
         for difference in comparison["condition_differences"]:
             reasons.append(f"standard and bio ran under different conditions: {difference}")

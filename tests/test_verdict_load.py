@@ -212,3 +212,20 @@ def test_cluster_bootstrap_covers_the_true_loss_about_95_percent_of_the_time():
         lo, hi = cluster_mean_ci(values, np.repeat(np.arange(rows), repeats), resamples=1000, seed=replication)
         covered += lo <= truth <= hi
     assert 0.93 <= covered / 400 <= 0.97, covered / 400
+
+
+def test_open_loop_stability_asks_whether_the_server_kept_up_not_whether_poisson_is_smooth():
+    rng = np.random.default_rng(0)
+    # Poisson arrivals at 40/s: per-second counts vary by ~16 %, yet the server keeps up
+    gaps = rng.exponential(1 / 40, size=800)
+    times = np.cumsum(gaps)
+    steady = records(len(times))
+    for r, t in zip(steady, times):
+        r["t_intended"] = r["t_sent"] = 1000.0 + float(t)
+        r["offset_s"] = float(t)
+    summary = build_summary(pair(std=steady, bio=steady), rules=RULES)
+    assert not any("steady state" in r or "not stable" in r for r in summary["invalid_reasons"])
+    # a server falling behind: latency grows by 0.3 s per second, answers trail the arrivals
+    behind = [dict(r, latency_ms=300.0 * r["offset_s"] ** 2) for r in steady]
+    summary = build_summary(pair(std=behind, bio=steady), rules=RULES)
+    assert any(r.startswith("standard: completed") and "a queue grows" in r for r in summary["invalid_reasons"])
