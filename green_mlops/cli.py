@@ -169,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="cap on measured requests (default: the evaluation set repeated to >= 2000)")
     validate.add_argument("--warmup", type=int, default=200, help="warm-up requests per mode, default 200")
     validate.add_argument("--json", type=Path, dest="json_path", help="write the figures as JSON here")
-    validate.add_argument("--gate", action="store_true", help="exit 1 when a claim does not hold")
+    validate.add_argument("--gate", action="store_true",
+                          help="exit 1 when a claim does not hold or the report is INVALID")
     validate.add_argument("--sweep", action="store_true", help="also measure the τ∞ curve")
     validate.add_argument("--sweep-points", type=_positive_int, default=7)
     validate.add_argument("--results", type=Path,
@@ -180,8 +181,10 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--load-users", type=_positive_int, default=4, help="base users, default 4")
     load.add_argument("--load-phase-s", type=float, default=5.0, help="phase length, default 5 s")
     load.add_argument("--load-s", type=_positive_int, default=15, help="seconds per scenario, default 15")
-    load.add_argument("--load-arrival-rate", type=float, default=0.0,
-                      help="open loop at this many requests/s (default: closed loop)")
+    load.add_argument("--load-arrival-rate", type=float, default=40.0,
+                      help="open loop: Poisson arrivals per second at base load, scaled by the shape, one seeded "
+                           "schedule replayed by both runs (default 40; 0: closed loop, which decides no claim)")
+    load.add_argument("--load-seed", type=int, default=0, help="seed of the open-loop schedule (times and rows)")
     _add_energy_flags(validate)
     _add_controller_flags(validate)
     _add_mlflow_flags(validate)
@@ -360,13 +363,14 @@ def _run_report(args) -> int:
 
         require_mlflow()  # before the work, not after it
     summary = build_report(args.results, out, args.baseline, args.min_duration_s, args.min_requests)
-    print_report(summary)
+    print_report(summary, verdict=False)
     stdout.print(f"report: {out / 'report.html'}, {out / 'report.md'}, {out / 'summary.json'}", soft_wrap=True)
     if args.mlflow:
         from reports.tracking import log_report
 
         uri, run_id = log_report(args.mlflow, args.mlflow_experiment, args.results, out, summary)
         stdout.print(f"MLflow: run {run_id} in {uri} (experiment {args.mlflow_experiment})", soft_wrap=True)
+    stdout.print(summary["verdict"], soft_wrap=True)  # the last line
     failures = gate_failures(summary)
     if args.gate and failures:
         stderr.print("gate: " + "; ".join(failures), soft_wrap=True)

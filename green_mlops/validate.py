@@ -3,11 +3,16 @@
 1. In-process, paired ablation on the held-out set (standard vs bio on the same requests,
    batch 1, energy windows per block): the figures of the JSON document.
 2. Unless ``--no-load``: the standard and bio locustfiles, each against its own gateway, under a
-   congestion pattern, profilers on.
-3. The report over those two runs (``report.html``, ``report.md``, ``summary.json``).
+   congestion pattern, profilers on. By default open loop: one seeded schedule of arrival times
+   and rows (``schedule.json``) is generated here, once, and replayed identically by both, so
+   both see the same offered load (``--load-arrival-rate 0``: closed loop, no claim decided).
+3. The report over the whole job: the in-process ablation and the two load runs, each with its
+   claims (``report.html``, ``report.md``, ``summary.json``), ending with one verdict line.
 
 Everything lands in ``--results`` (default ``results/<UTC>-validate/``): ``validate.json``,
-``ablation/`` (energy windows, timeline), ``standard/``, ``bio/`` and the report.
+``ablation/`` (``ablation.json``, energy windows, timeline), ``schedule.json``, ``standard/``,
+``bio/`` and the report. ``validate.json`` and ``ablation/ablation.json`` are written as soon
+as the ablation ends, so a Ctrl-C during the load stage loses neither (exit 130).
 """
 from __future__ import annotations
 
@@ -21,14 +26,17 @@ from rich.console import Console
 from rich.progress import Progress
 
 from targets.make_controller import make_controller
-from green_mlops.cli import EXIT_GATE, controller_config, make_results_dir, open_energy, stderr
+from green_mlops.cli import EXIT_GATE, EXIT_INTERRUPTED, controller_config, make_results_dir, open_energy, stderr
 from green_mlops.models import resolve_model
 from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
 from loadtests.runner import LoadSpec, run_scenario
+from loadtests.schedule import SCHEDULE_FILE, ScheduleError, make_schedule
+from loadtests.shapes import Shape, ShapeParams
 from profilers.profiler import Sampler
 from reports.ablation import print_summary, print_sweep, summarise
 from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
+from reports.runs import ABLATION_FILE
 from targets.errors import GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
 
@@ -75,10 +83,10 @@ def run_validate(args) -> int:
     results = make_results_dir(args.results or Path(f"results/{stamp}-validate"))
     profiler = open_energy(args, make_results_dir(results / "ablation"))
     console = Console()
-    console.print(f"model [bold]{spec.name}[/] · provider {backend.provider} · {len(order)} requests "
-                  f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f} · energy "
-                  f"{', '.join(profiler.source_labels()) if profiler and profiler.sources else 'off'}",
-                  highlight=False)
+    console.print(f"model {spec.name} · provider {backend.provider} · {len(order)} requests "
+                  f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f} · policy {config.policy} · "
+                  f"energy {', '.join(profiler.source_labels()) if profiler and profiler.sources else 'off'}",
+                  highlight=False, markup=False)
     sampler = None
     if profiler is not None:
         sampler = Sampler(profiler, rate_hz=10.0, path=results / "ablation" / "timeline.jsonl")
@@ -114,18 +122,32 @@ def run_validate(args) -> int:
                                          progress=lambda n: progress.update(task, completed=n))
         print_sweep(summary["sweep"], summary["standard"], console)
 
+    _write_json(results / "ablation" / ABLATION_FILE, summary)
+    _write_json(results / "validate.json", summary)  # the ablation survives whatever comes next
+
     failures = [f"claim {c['name']} not held (in-process ablation)" for c in summary["claims"] if not c["passed"]]
+    interrupted = False
     if not args.no_load:
-        summary["load_test"] = _load_test(args, spec, config, results, console)
-        failures += [f"load test: {f}" for f in summary["load_test"]["gate_failures"]]
+        try:
+            summary["load_test"] = _load_test(args, spec, config, results, console, len(x))
+            failures += [f"load test: {f}" for f in summary["load_test"]["gate_failures"]]
+        except KeyboardInterrupt:
+            interrupted = True
+            summary["load_test"] = _interrupted_load_test(results, console)
 
     for path in filter(None, (args.json_path, results / "validate.json")):
         _write_json(path, summary)
         console.print(f"figures written to {path}", highlight=False)
     if args.mlflow:
         _log_mlflow(args, results, summary, console)
+    load = summary.get("load_test") or {}
+    verdict = load.get("verdict") or _in_process_verdict(summary, interrupted)
+    console.print(verdict, highlight=False, markup=False, soft_wrap=True)  # one verdict line, last
+    if interrupted:
+        stderr.print("interrupted: the finished ablation and every recorded request are on disk", highlight=False)
+        return EXIT_INTERRUPTED
     if args.gate and failures:
-        stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False)
+        stderr.print("gate: " + "; ".join(failures), soft_wrap=True, highlight=False, markup=False)
         return EXIT_GATE
     return 0
 
@@ -160,23 +182,68 @@ def _calibration(spec, config, args, backend):
     return None if explicit else calibration_for(spec, config.uncertainty, backend)
 
 
-def _load_test(args, spec, config, results: Path, console: Console) -> dict:
-    """Standard then bio under Locust with a congestion pattern, then the report over both."""
-    from reports.render import print_report
+def _in_process_verdict(summary: dict, interrupted: bool = False) -> str:
+    held = [c["name"] for c in summary["claims"] if c["passed"]]
+    missed = [c["name"] for c in summary["claims"] if not c["passed"]]
+    parts = [f"held: in-process {', in-process '.join(held)}" if held else "",
+             f"not held: in-process {', in-process '.join(missed)}" if missed else "",
+             "load test interrupted: nothing judged under load" if interrupted else
+             "no load test (--no-load): nothing judged under load"]
+    return "verdict: " + " · ".join(p for p in parts if p)
 
+
+def _load_spec(args, config_path: Path, schedule_path: Path | None) -> LoadSpec:
+    return LoadSpec(shape=args.load_shape, base_users=args.load_users, phase_s=args.load_phase_s,
+                    run_time_s=args.load_s, arrival_rate=args.load_arrival_rate, seed=args.load_seed,
+                    schedule=schedule_path, model=str(args.model), energy=args.energy, country=args.country,
+                    controller_config=config_path)
+
+
+def _write_schedule(args, results: Path, n_rows: int) -> Path | None:
+    """Open loop: the one schedule both runs replay (None in closed loop)."""
+    if args.load_arrival_rate <= 0:
+        return None
+    try:
+        shape = Shape(args.load_shape, ShapeParams(base_users=args.load_users, peak_users=2 * args.load_users,
+                                                   phase_s=args.load_phase_s, run_time_s=args.load_s))
+        schedule = make_schedule(args.load_arrival_rate, shape, n_rows, args.load_seed)
+    except (ScheduleError, ValueError) as exc:
+        raise GreenMLOpsError(f"load test: {exc}") from exc
+    return schedule.save(results / SCHEDULE_FILE)
+
+
+def _load_test(args, spec, config, results: Path, console: Console, n_rows: int) -> dict:
+    """Standard then bio under Locust with a congestion pattern, then the report over both."""
     config_path = results / "controller.toml"
     config_path.write_text(_toml(asdict(config)))
-    load = LoadSpec(shape=args.load_shape, base_users=args.load_users, phase_s=args.load_phase_s,
-                    run_time_s=args.load_s, arrival_rate=args.load_arrival_rate, model=str(args.model),
-                    energy=args.energy, country=args.country, controller_config=config_path)
+    schedule_path = _write_schedule(args, results, n_rows)
+    load = _load_spec(args, config_path, schedule_path)
+    loop = (f"open loop, {args.load_arrival_rate:g} req/s base, schedule {schedule_path.name}"
+            if schedule_path else "closed loop (unequal offered load: no claim is decided)")
     for scenario in ("standard", "bio"):
         started = time.monotonic()
-        with console.status(f"load test: {scenario} · {load.shape} · {load.run_time_s} s …"):
+        with console.status(f"load test: {scenario} · {load.shape} · {loop} · {load.run_time_s} s …"):
             run_scenario(scenario, results / scenario, load, on_line=_print_dashboard_url(console))
-        console.print(f"load test {scenario}: done in {time.monotonic() - started:.0f} s", highlight=False)
+        console.print(f"load test {scenario}: done in {time.monotonic() - started:.0f} s ({loop})",
+                      highlight=False, markup=False)
+    return _report(results, console)
+
+
+def _report(results: Path, console: Console) -> dict:
+    from reports.render import print_report
+
     report = build_report(results, results)
-    print_report(report, console)
-    console.print(f"report: {results / 'report.html'}", highlight=False, soft_wrap=True)
+    print_report(report, console, verdict=False)  # validate prints the verdict line last
+    console.print(f"report: {results / 'report.html'}", highlight=False, soft_wrap=True, markup=False)
     return {"results": str(results), "valid": report["valid"], "invalid_reasons": report["invalid_reasons"],
-            "claims": report["claims"], "comparison": report["comparison"],
+            "claims": report["claims"], "comparison": report["comparison"], "verdict": report["verdict"],
             "gate_failures": gate_failures(report)}
+
+
+def _interrupted_load_test(results: Path, console: Console) -> dict:
+    """Ctrl-C during the load stage: the partial report over what was recorded, if any."""
+    try:
+        document = _report(results, console)
+    except (GreenMLOpsError, OSError, ValueError) as exc:
+        document = {"results": str(results), "report_error": str(exc)}
+    return {**document, "interrupted": True}

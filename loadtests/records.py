@@ -1,10 +1,20 @@
-"""Request records on disk: one JSON line per answered (or failed) request, flushed as written.
+"""Request records on disk: one JSON line per request that was sent, flushed as written.
 
-A record holds: ``t_intended`` and ``t_sent`` (Unix seconds), ``latency_ms`` (from the intended
-send time in open-loop mode, from the actual send otherwise), ``service_ms`` (actual send to
-answer), ``late`` (open loop: left more than ``late_ms`` after its intended time), ``status``,
-``admitted``, ``action``, ``correct``, ``label``, ``predicted``, ``tau``, ``u``, ``phase``,
-``source`` (which Locust process sent it).
+Every request ends as exactly one record, with ``outcome``:
+
+* ``answered``: HTTP 200 (``correct`` compares ``predicted`` with ``label``);
+* ``rejected``: the controller's 503 (no answer: scored as wrong by the reports);
+* ``failed``: anything else (a backend 503, any 5xx or 4xx, a timeout, a refused or reset
+  connection), with its ``reason``;
+* ``cut_off``: still in flight, or not yet on the wire, when the run ended (``reason`` says which).
+
+A record also holds ``seq`` (open loop: the arrival's index in the schedule), ``row`` (the
+evaluation row sent), ``t_intended`` (Unix seconds: the schedule's time in open loop, the send
+otherwise), ``offset_s`` (``t_intended`` after the schedule's start), ``t_sent`` (when the
+request got its connection, i.e. went on the wire; None if it never did), ``latency_ms`` (from
+``t_intended`` to the answer), ``service_ms`` (from ``t_sent``), ``late`` (on the wire more than
+``late_ms`` after ``t_intended``), ``status`` (0: no HTTP status), ``admitted``, ``action``,
+``tau``, ``u``, ``phase`` and ``source`` (which Locust process sent it).
 """
 from __future__ import annotations
 
@@ -19,7 +29,8 @@ RUN_FILE = "run.json"
 
 class RecordWriter:
     """Appends records to ``requests.jsonl``, one flushed line each: a crash or Ctrl-C loses
-    nothing already written. Thread- and greenlet-safe."""
+    nothing already written. Thread- and greenlet-safe. Writing after ``close()`` is a bug of the
+    caller and raises (the scenario closes the writer only once every request has ended)."""
 
     def __init__(self, results_dir: Path):
         results_dir.mkdir(parents=True, exist_ok=True)

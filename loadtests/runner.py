@@ -1,10 +1,13 @@
 """Run a locustfile scenario headless as a child process, bounded in time, and wait for it.
 
 The locustfile is the unit users run (`locust -f loadtests/bio.py`), so the main job runs exactly
-that; a child process also keeps gevent's monkey-patching out of the caller's process.
+that; a child process also keeps gevent's monkey-patching out of the caller's process. Its output
+goes to ``RESULTS/locust.log`` (a file, so no pipe can fill). Ctrl-C (or SIGTERM) of the caller
+is passed on: the child stops gracefully and finishes its records and ``run.json`` first.
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +19,8 @@ from targets.errors import GreenMLOpsError
 
 SCENARIOS = ("standard", "bio")
 STARTUP_ALLOWANCE_S = 60.0
+INTERRUPT_GRACE_S = 30.0  # how long an interrupted child may take to write what it has
+LOG_FILE = "locust.log"
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class LoadSpec:
     phase_s: float = 5.0
     run_time_s: int = 15
     arrival_rate: float = 0.0  # open loop when > 0
+    seed: int = 0
+    schedule: Path | None = None  # open loop: replay this schedule.json
     model: str = "digits"
     energy: str = "auto"
     country: str = "USA"
@@ -37,45 +44,97 @@ def locustfile(scenario: str) -> Path:
     return Path(__file__).resolve().parent / f"{scenario}.py"
 
 
-def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None = None,
-                 on_line: Callable[[str], None] | None = None) -> Path:
-    """Run ``scenario`` into ``results``; returns ``results``. GreenMLOpsError if Locust fails.
-
-    ``on_line`` receives each line Locust writes to stderr as it comes (e.g. the gateway's and
-    its dashboard's URL, printed by the locustfile when it starts the gateway)."""
+def command_for(scenario: str, results: Path, spec: LoadSpec, host: str | None = None) -> list[str]:
     command = [sys.executable, "-m", "locust", "-f", str(locustfile(scenario)), "--headless",
                "--shape", spec.shape, "--base-users", str(spec.base_users), "--phase-s", str(spec.phase_s),
                "-t", str(spec.run_time_s), "--model", spec.model, "--energy", spec.energy,
                "--country", spec.country, "--results", str(results)]
     if spec.arrival_rate > 0:
-        command += ["--arrival-rate", str(spec.arrival_rate)]
+        command += ["--arrival-rate", str(spec.arrival_rate), "--seed", str(spec.seed)]
+        if spec.schedule is not None:
+            command += ["--schedule", str(spec.schedule)]
     if spec.controller_config is not None:
         command += ["--controller-config", str(spec.controller_config)]
     if host:
         command += ["--host", host]
-    timeout_s = spec.run_time_s + STARTUP_ALLOWANCE_S
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
+    return command
 
-    def read_stderr():  # line by line, so the caller sees e.g. the dashboard URL while it runs
-        for line in process.stderr:
-            lines.append(line)
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
 
-    reader = threading.Thread(target=read_stderr, name=f"locust-{scenario}-stderr", daemon=True)
-    reader.start()
+def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None = None,
+                 on_line: Callable[[str], None] | None = None) -> Path:
+    """Run ``scenario`` into ``results``; returns ``results``. GreenMLOpsError if Locust fails;
+    KeyboardInterrupt, once the child has stopped, if the caller is interrupted.
+
+    Locust's output goes to a log file; ``on_line`` receives each of its lines as it is written
+    (e.g. the gateway's and its dashboard's URL, printed by the locustfile when it starts)."""
+    results.mkdir(parents=True, exist_ok=True)
+    log_path = results / LOG_FILE
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command_for(scenario, results, spec, host), stdout=log, stderr=subprocess.STDOUT)
+        tail = _Tail(log_path, on_line) if on_line is not None else None
+        try:
+            code = process.wait(timeout=spec.run_time_s + STARTUP_ALLOWANCE_S)
+        except subprocess.TimeoutExpired as exc:
+            _stop(process)
+            raise GreenMLOpsError(f"the {scenario} load test did not finish within "
+                                  f"{spec.run_time_s + STARTUP_ALLOWANCE_S:.0f} s (log: {log_path})") from exc
+        except BaseException:  # Ctrl-C: the child finishes what it recorded, then we go on
+            _stop(process)
+            raise
+        finally:
+            if tail is not None:
+                tail.stop()
+    # Locust exits 1 when requests failed: the run is complete and its report says INVALID.
+    if code not in (0, 1) or not _finished(results):
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise GreenMLOpsError(f"the {scenario} load test failed (exit {code}, log: {log_path}):\n{tail}")
+    return results
+
+
+def _finished(results: Path) -> bool:
+    import json
+
     try:
-        code = process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
+        return bool(json.loads((results / "run.json").read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGINT (a graceful stop: records and run.json are finished), then SIGKILL if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=INTERRUPT_GRACE_S)
+    except BaseException:  # it hangs, or a second Ctrl-C: never leave it running
         process.kill()
         process.wait()
-        raise GreenMLOpsError(f"the {scenario} load test did not finish within {timeout_s:.0f} s") from exc
-    finally:
-        if process.poll() is None:  # interrupted: the child dies with us
-            process.kill()
-            process.wait()
-        reader.join(timeout=5)
-    if code != 0 or not (results / "requests.jsonl").exists():
-        raise GreenMLOpsError(f"the {scenario} load test failed (exit {code}):\n{''.join(lines)[-2000:]}")
-    return results
+        if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
+            raise
+
+
+class _Tail:
+    """Follows a log file in a thread, handing each complete line to a callback, until stopped."""
+
+    def __init__(self, path: Path, on_line: Callable[[str], None], interval_s: float = 0.2):
+        self._path, self._on_line, self._interval_s = path, on_line, interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name=f"tail-{path.name}", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        with self._path.open(errors="replace") as lines:
+            pending = ""
+            while True:
+                stopping = self._stopped.is_set()
+                pending += lines.read()
+                *complete, pending = pending.split("\n")
+                for line in complete:
+                    self._on_line(line)
+                if stopping:
+                    return
+                self._stopped.wait(self._interval_s)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)

@@ -1,44 +1,80 @@
 """Locust machinery shared by ``loadtests/bio.py`` and ``loadtests/standard.py``.
 
 * With no ``--host`` the locustfile starts the gateway itself (``green-mlops serve`` on an
-  ephemeral loopback port, controller on for bio, off for standard) and stops it at the end.
+  ephemeral loopback port, controller on for bio, off for standard; with ``--energy auto`` the
+  gateway runs its own energy profiler, so bio's controller is fed ê) and stops it at the end.
   ``--backend triton --host URL`` drives a Triton server directly (its ``<model>_full``).
-* Users send rows of the model's labelled evaluation set, so every answer is scored; each request
-  carries its row's label in the ``X-Green-MLOps-Label`` header, so the gateway's live dashboard
-  can show the running accuracy (the controller never reads it).
-* ``--shape`` picks a congestion pattern (:mod:`loadtests.shapes`); ``--arrival-rate R`` switches
-  to open loop: Poisson arrivals at R requests/s (scaled by the shape), each sent on schedule in
-  its own greenlet whether or not earlier ones returned, latency measured from the intended send
-  time, sends that left late counted.
-* Every request is recorded to ``RESULTS/requests.jsonl`` (flushed per line); workers ship their
-  records to the master, which writes the one merged file. ``run.json`` holds the metadata;
-  ``windows.jsonl`` and ``timeline.jsonl`` the energy; a rich per-phase summary prints at the end.
+* Each request carries its row's label in the ``X-Green-MLOps-Label`` header, so the gateway's
+  live dashboard can show the running accuracy (the controller never reads it).
+* The model is checked at start (one message and exit 2 for a model that cannot be loaded); its
+  *reference answers* (full and exit answer, exit uncertainty, per evaluation row) are computed
+  once and written to ``reference.json``, so every request is paired with the full model's answer
+  for the same row.
+* ``--arrival-rate R`` runs open loop: a seeded schedule of Poisson arrival times *and* rows
+  (:mod:`loadtests.schedule`; ``--seed``, or ``--schedule FILE`` to replay one) is replayed, each
+  arrival sent at its time whether or not earlier ones returned. Latency is measured from the
+  intended time; ``late`` from the intended time to the moment the request is on the wire (a
+  connection of the pool acquired), so waiting for a connection counts. Without it, closed loop.
+* Every request that was sent ends as exactly one record in ``requests.jsonl``: ``answered``,
+  ``rejected`` (the controller's 503), ``failed`` (any other status, a timeout, a refused or
+  reset connection, with its reason) or ``cut_off`` (still in flight, or not yet on the wire,
+  when the run ended). Workers ship their records to the master, which writes the one file.
+  The writer closes last, after every user and in-flight request has ended.
+* SIGINT and SIGTERM stop the run the same way: users finish the request in hand (bounded), the
+  rest is recorded as cut off, ``run.json`` is finished, the gateway stopped.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
-import random
+import signal
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import gevent
-from gevent.pool import Group
+from gevent.event import Event
+from gevent.pool import Pool
 from locust import FastHttpUser, LoadTestShape, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.records import RUN_FILE, RecordWriter
+from loadtests.schedule import SCHEDULE_FILE, Schedule, ScheduleError, load_schedule, make_schedule
+from loadtests.shapes import SHAPES, Shape, ShapeParams, spawn_rate
 from reports.records import phase_summary, read_records
-from loadtests.shapes import SHAPES, Shape, ShapeParams
 from targets.live import LABEL_HEADER
 
 RECORDS_MESSAGE = "green_mlops_records"
 SHIP_EVERY_S = 0.2
-GRACEFUL_STOP_S = 10.0
+GRACEFUL_STOP_S = 10.0  # users finish the request in hand within this, then are cut off
 ARRIVAL_SLICE_S = 0.25  # an open-loop generator yields this often, so it can stop gracefully
+EXIT_USAGE = 2
+
+# When each greenlet's request got its connection (went on the wire), by greenlet id.
+_WIRE_S: dict[int, float] = {}
+
+
+def _stamp_connection_acquisition() -> None:
+    """Record when a pooled connection is handed to a request: the request is then on the wire.
+    (FastHttpUser's pool blocks a request until a connection is free; that wait is lateness.)"""
+    from geventhttpclient.connectionpool import ConnectionPool
+
+    if getattr(ConnectionPool.get_socket, "_green_mlops", False):
+        return
+    original = ConnectionPool.get_socket
+
+    def get_socket(self):
+        sock = original(self)
+        _WIRE_S[id(gevent.getcurrent())] = time.time()
+        return sock
+
+    get_socket._green_mlops = True
+    ConnectionPool.get_socket = get_socket
+
+
+_stamp_connection_acquisition()
 
 
 class _Run:
@@ -51,12 +87,18 @@ class _Run:
         self.results_dir: Path | None = None
         self.started_s: float | None = None
         self.data = None  # (model name, request bodies, labels)
+        self.schedule: Schedule | None = None
+        self.spawn_rate: float | None = None  # -r as given (None: the shape's own)
         self.outbox: list[dict] = []  # a worker's records not yet shipped to the master
+        self.pending: dict[int, dict] = {}  # records of requests not yet ended, by id
         self.shipper = None
         self.profiler = None
         self.energy_feed = None
         self.sampler = None
         self.metadata: dict = {}
+        self.finishing = False
+        self.interrupted = False
+        self.finished = Event()
 
 
 RUN = _Run()
@@ -80,9 +122,15 @@ def _arguments(parser):
     group.add_argument("--steps", type=int, default=3, help="step: number of steps")
     group.add_argument("--arrival-rate", type=float, default=0.0,
                        help="open loop: Poisson arrivals per second at base load (0: closed loop)")
+    group.add_argument("--seed", type=int, default=0, help="open loop: seed of the arrival schedule (times and rows)")
+    group.add_argument("--schedule", default="",
+                       help="open loop: replay this schedule.json (from an earlier run) instead of drawing one")
     group.add_argument("--open-loop-users", type=int, default=1,
-                       help="open loop: arrival generators sharing the rate (>= number of workers)")
-    group.add_argument("--late-ms", type=float, default=1.0, help="open loop: a send this late counts as late")
+                       help="open loop: arrival generators sharing the schedule (>= number of workers)")
+    group.add_argument("--late-ms", type=float, default=10.0,
+                       help="open loop: a request on the wire this long after its intended time is late")
+    group.add_argument("--request-timeout-s", type=float, default=10.0,
+                       help="a request unanswered after this long fails (reason: timeout)")
     group.add_argument("--results", default="", help="results directory (default results/<UTC>-<scenario>/)")
     group.add_argument("--energy", default="auto", choices=("auto", "off"), help="energy profilers")
     group.add_argument("--country", default="USA", help="ISO alpha-3 code for CodeCarbon's CO2 intensity")
@@ -104,35 +152,66 @@ def _shape_of(options) -> Shape:
     return Shape(options.shape, params)
 
 
+def _exit_usage(message: str):
+    """One line to the user and exit 2, before anything starts (no traceback)."""
+    import sys
+
+    print(f"green-mlops: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USAGE)
+
+
 # --- set-up and tear-down ---------------------------------------------------------------------------
 @events.init.add_listener
 def _init(environment, **_):
-    if isinstance(environment.runner, WorkerRunner):
-        return  # workers learn the host and options from the master's spawn message
     options = _options(environment)
     if options is None:  # used as a library without a command line: nothing to set up
         return
+    if options.request_timeout_s <= 0:
+        _exit_usage("--request-timeout-s must be > 0")
+    _InferUser.network_timeout = _InferUser.connection_timeout = options.request_timeout_s
+    if environment.runner is not None:
+        _quit_after_graceful_stop(environment.runner)
+    if isinstance(environment.runner, WorkerRunner):
+        return  # workers learn the host from the master's spawn message
+    RUN.spawn_rate = options.spawn_rate  # None unless -r was given (Locust defaults it later)
     try:
-        _shape_of(options)  # bad shape parameters fail here, before anything starts
+        shape = _shape_of(options)  # bad shape parameters fail here, before anything starts
     except ValueError as exc:
-        raise SystemExit(f"green-mlops: {exc}") from None
+        _exit_usage(str(exc))
     if options.backend == "triton" and not environment.host:
-        raise SystemExit("--backend triton drives a running Triton server: give its address with --host")
+        _exit_usage("--backend triton drives a running Triton server: give its address with --host")
+    spec = _resolve(options.model)
+    if options.arrival_rate < 0:
+        _exit_usage("--arrival-rate must be >= 0")
+    if options.schedule and options.arrival_rate <= 0:
+        _exit_usage("--schedule replays an open-loop schedule: give --arrival-rate too (or use --arrival-rate "
+                    "with the schedule's own rate)")
     if not environment.stop_timeout:
         # Let users finish the request in hand when the run ends, so that every request the
         # gateway answered is recorded (Locust would otherwise kill them mid-request).
         environment.stop_timeout = GRACEFUL_STOP_S
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    RUN.results_dir = Path(options.results or f"results/{stamp}-{RUN.scenario}")
+    try:
+        RUN.results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _exit_usage(f"cannot create results directory {RUN.results_dir}: {exc}")
+    x, _ = _load_eval(spec)
+    if options.arrival_rate > 0:
+        RUN.schedule = _schedule(options, shape, len(x))
+        RUN.schedule.save(RUN.results_dir / SCHEDULE_FILE)
+    from loadtests.reference import reference_answers, write_reference
+
+    write_reference(RUN.results_dir, reference_answers(spec))
     if not environment.host:
         from loadtests.gateway_process import GatewayProcess
 
         extra = ("--config", options.controller_config) if options.controller_config else ()
-        RUN.gateway = GatewayProcess("--model", options.model,
+        RUN.gateway = GatewayProcess("--model", options.model, "--energy", options.energy,
                                      "--controller", "bio" if RUN.scenario == "bio" else "off", *extra)
         environment.host = RUN.gateway.url
         print(f"green-mlops: {RUN.scenario} gateway at {RUN.gateway.url} · dashboard {RUN.gateway.dashboard_url}",
               file=sys.stderr, flush=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    RUN.results_dir = Path(options.results or f"results/{stamp}-{RUN.scenario}")
     RUN.writer = RecordWriter(RUN.results_dir)
     if isinstance(environment.runner, MasterRunner):
         environment.runner.register_message(RECORDS_MESSAGE, lambda msg, **kw: RUN.writer.write(msg.data))
@@ -145,6 +224,65 @@ def _init(environment, **_):
         if RUN.profiler.sources:
             RUN.energy_feed = PeriodicEnergyFeed(RUN.profiler, None, lambda: RUN.writer.count, 1.0)
             RUN.sampler = Sampler(RUN.profiler, 10.0, RUN.results_dir / "timeline.jsonl")
+    # SIGINT and SIGTERM take one path: a gevent handler that interrupts Locust's main greenlet
+    # where it waits. Python's own SIGINT handler raises KeyboardInterrupt in whichever greenlet
+    # happens to run (a user mid-request, whose answered request is then lost, the shape or the
+    # hub); and Locust installs its SIGTERM handler only once a headless shape run is over, so
+    # until then SIGTERM killed the process outright, run.json unfinished.
+    gevent.signal_handler(signal.SIGINT, _interrupt)
+    gevent.signal_handler(signal.SIGTERM, _interrupt)
+
+
+def _quit_after_graceful_stop(runner) -> None:
+    """Locust's ``-t`` timer calls ``runner.quit()`` while the shape's own end may be stopping the
+    users gracefully; quit's second ``stop()`` then finds no user left to wait for and kills the
+    users with their request in hand. Make quit wait for a stop in progress first (bounded)."""
+    quit_now = runner.quit
+
+    def quit() -> None:
+        deadline = time.monotonic() + GRACEFUL_STOP_S + 2
+        while runner.state in ("cleanup", "stopping") and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        quit_now()
+
+    runner.quit = quit
+
+
+def _interrupt() -> None:
+    """Ctrl-C or SIGTERM: interrupt Locust's main greenlet where it waits, as Locust expects of
+    Ctrl-C; once only (a second signal, or the one a parent passes on, must not break the
+    graceful stop)."""
+    if RUN.interrupted or RUN.finishing:
+        return
+    RUN.interrupted = True
+    gevent.get_hub().parent.throw(KeyboardInterrupt())
+
+
+def _resolve(model: str):
+    from green_mlops.models import resolve_model
+
+    from targets.errors import GreenMLOpsError
+
+    try:
+        return resolve_model(model)
+    except (GreenMLOpsError, OSError, ValueError, KeyError) as exc:
+        _exit_usage(f"cannot load model {model}: {exc}")
+
+
+def _load_eval(spec):
+    try:
+        return spec.load_eval()
+    except Exception as exc:  # any reason the evaluation set is unreadable: one line, exit 2
+        _exit_usage(f"cannot read the evaluation set of model {spec.name}: {exc}")
+
+
+def _schedule(options, shape: Shape, n_rows: int) -> Schedule:
+    try:
+        if options.schedule:
+            return load_schedule(Path(options.schedule), n_rows)
+        return make_schedule(options.arrival_rate, shape, n_rows, options.seed)
+    except ScheduleError as exc:
+        _exit_usage(str(exc))
 
 
 @events.test_start.add_listener
@@ -170,9 +308,14 @@ def _test_start(environment, **_):
         "shape_params": vars(_shape_of(options).p),
         "open_loop": options.arrival_rate > 0,
         "arrival_rate_rps": options.arrival_rate or None,
+        "schedule": RUN.schedule.describe() if RUN.schedule else None,
+        "late_ms": options.late_ms,
+        "request_timeout_s": options.request_timeout_s,
         "started_at": datetime.now(UTC).isoformat(),
+        "finished": False,
         "energy_sources": RUN.profiler.source_labels() if RUN.profiler else [],
         "energy_unavailable": RUN.profiler.unavailable if RUN.profiler else {},
+        "gateway_energy": options.energy if RUN.gateway is not None else "unknown (not started here)",
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         **_served_model(environment.host, _served_name(options)),
@@ -192,21 +335,30 @@ def _versions() -> dict:
     return found
 
 
-def _served_model(host: str, name: str) -> dict:
-    """What the server says of the model it serves (the gateway names its provider)."""
+def _get_json(url: str) -> dict | None:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"{host}/v2/models/{name}", timeout=5) as response:
-            metadata = json.load(response)
-        provider = metadata.get("parameters", {}).get("provider") or f"triton:{metadata.get('platform')}"
-        return {"provider": provider, "served_model": metadata}
-    except (OSError, ValueError) as exc:
-        return {"provider": None, "served_model_error": str(exc)}
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)
+    except (OSError, ValueError):
+        return None
+
+
+def _served_model(host: str, name: str) -> dict:
+    """What the server says of the model it serves (the gateway names its provider)."""
+    metadata = _get_json(f"{host}/v2/models/{name}")
+    if metadata is None:
+        return {"provider": None, "served_model_error": f"no metadata at {host}/v2/models/{name}"}
+    provider = metadata.get("parameters", {}).get("provider") or f"triton:{metadata.get('platform')}"
+    return {"provider": provider, "served_model": metadata}
 
 
 def _write_metadata() -> None:
-    (RUN.results_dir / RUN_FILE).write_text(json.dumps(RUN.metadata, indent=2) + "\n")
+    path = RUN.results_dir / RUN_FILE
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(RUN.metadata, indent=2, default=str) + "\n")
+    temporary.replace(path)  # a reader never sees half a file
 
 
 def _ship_forever(environment) -> None:
@@ -221,18 +373,58 @@ def _ship(environment) -> None:
         environment.runner.send_message(RECORDS_MESSAGE, batch)
 
 
+def _emit(record: dict) -> None:
+    """Hand one finished record to the writer (local, master) or the outbox (worker)."""
+    if RUN.writer is not None:
+        RUN.writer.write([record])
+    else:
+        RUN.outbox.append(record)
+
+
+def _cut_off_pending(reason: str) -> int:
+    """Record every request not yet ended as cut off; returns how many."""
+    cut = 0
+    for key in list(RUN.pending):
+        record = RUN.pending.pop(key, None)
+        if record is not None:
+            record.update(outcome="cut_off", reason=reason, status=0)
+            _emit(record)
+            cut += 1
+    return cut
+
+
 @events.test_stop.add_listener
 def _test_stop(environment, **_):
     if isinstance(environment.runner, WorkerRunner):
+        _cut_off_pending("still pending when the worker stopped")
         _ship(environment)
 
 
 @events.quitting.add_listener
 def _quitting(environment, **_):
+    """Stop the users, cut off what is still pending, then close the writer, last. Locust fires
+    this before it stops the users itself, and may fire it twice (SIGTERM's handler greenlet and
+    the main greenlet): the second call waits for the first."""
     if RUN.writer is None:
         return
-    if isinstance(environment.runner, MasterRunner):
+    if RUN.finishing:
+        RUN.finished.wait(timeout=4 * GRACEFUL_STOP_S)
+        return
+    RUN.finishing = True
+    try:
+        _finish(environment)
+    finally:
+        RUN.finished.set()
+
+
+def _finish(environment) -> None:
+    runner = environment.runner
+    if runner is not None and getattr(runner, "state", None) not in ("stopped", "ready"):
+        runner.stop()  # users finish the request in hand (stop_timeout), then are killed
+    if isinstance(runner, MasterRunner):
         gevent.sleep(2 * SHIP_EVERY_S)  # the workers' last shipment
+    cut_off = _cut_off_pending("still in flight when the run ended")
+    controller_state = _get_json(f"{environment.host}/v2/controller") if environment.host else None
     for part in (RUN.energy_feed, RUN.sampler):
         if part is not None and part.running:
             part.stop()
@@ -243,22 +435,26 @@ def _quitting(environment, **_):
         RUN.gateway.stop()
     records = read_records(RUN.writer.path)
     rows = phase_summary(records)
-    RUN.metadata.update(ended_at=datetime.now(UTC).isoformat(), n_records=len(records),
-                        phases=rows, **_energy_totals(len(records)))
+    RUN.metadata.update(ended_at=datetime.now(UTC).isoformat(), finished=True, n_records=len(records),
+                        cut_off_at_end=cut_off, phases=rows, controller_state_at_end=controller_state,
+                        **_energy_totals(records))
     _write_metadata()
     _print_summary(rows)
 
 
-def _energy_totals(n_records: int) -> dict:
+def _energy_totals(records: list[dict]) -> dict:
+    """Energy per answered request over the run's windows, labelled with every source that
+    contributed (a mixed run says so)."""
     path = RUN.results_dir / "windows.jsonl"
-    if not path.exists() or n_records == 0:
+    answered = sum(r.get("outcome") == "answered" for r in records)
+    if not path.exists() or answered == 0:
         return {"energy_per_request_j": None, "energy_source": "none"}
     windows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     read = [w for w in windows if w["energy_j"] is not None]  # measured or estimated, as labelled
     if not read:
         return {"energy_per_request_j": None, "energy_source": "none"}
-    return {"energy_per_request_j": sum(w["energy_j"] for w in read) / n_records,
-            "energy_source": read[-1]["energy_source"]}
+    return {"energy_per_request_j": sum(w["energy_j"] for w in read) / answered,
+            "energy_source": "+".join(sorted({w["energy_source"] for w in read}))}
 
 
 def _print_summary(rows: list[dict]) -> None:
@@ -270,13 +466,14 @@ def _print_summary(rows: list[dict]) -> None:
 
     table = Table(title=f"green-mlops {RUN.scenario} · {RUN.metadata.get('shape')} · "
                         f"{'open loop' if RUN.metadata.get('open_loop') else 'closed loop'} · latency ms")
-    for name in ("phase", "n", "req/s", "p50", "p95", "p99", "admit", "acc", "rej", "late"):
+    for name in ("phase", "n", "req/s", "p50", "p95", "p99", "admit", "acc", "rej", "fail", "cut", "late"):
         table.add_column(name, justify="left" if name == "phase" else "right")
     for r in rows:
         table.add_row(r["phase"], str(r["n"]), fmt(r["throughput_rps"], ".1f"), fmt(r["p50_ms"]),
                       fmt(r["p95_ms"]), fmt(r["p99_ms"]), fmt(r["admission_rate"], ".1%"),
-                      fmt(r["accuracy"], ".1%"), str(r["rejected"]), str(r["late"]))
-    console = Console(stderr=True)
+                      fmt(r["accuracy"], ".1%"), str(r["rejected"]), str(r["failed"]), str(r["cut_off"]),
+                      str(r["late"]))
+    console = Console(stderr=True, markup=False, highlight=False)
     console.print(table)
     console.print(f"records: {RUN.writer.path}", soft_wrap=True)
 
@@ -284,21 +481,17 @@ def _print_summary(rows: list[dict]) -> None:
 # --- users ------------------------------------------------------------------------------------------
 def _served_name(options) -> str:
     """The model's name on the server: the gateway serves it as is, Triton as ``<name>_full``."""
-    from green_mlops.models import resolve_model
-
-    name = resolve_model(options.model).name
+    name = _resolve(options.model).name
     return f"{name}_full" if options.backend == "triton" else name
 
 
 def _load_data(options):
     """JSON bodies for every evaluation row (encoded once) and their labels."""
     if RUN.data is None:
-        from green_mlops.models import resolve_model
-
         from targets.kserve import datatype_of
 
-        spec = resolve_model(options.model)
-        x, y = spec.load_eval()
+        spec = _resolve(options.model)
+        x, y = _load_eval(spec)
         datatype = datatype_of(spec.input_dtype)
         bodies = [json.dumps({"inputs": [{"name": spec.input_name, "shape": [1, *x.shape[1:]],
                                           "datatype": datatype, "data": row.ravel().tolist()}]}).encode()
@@ -307,57 +500,79 @@ def _load_data(options):
     return RUN.data
 
 
+def outcome_of(status: int, answer: dict, error) -> tuple[str, str | None]:
+    """``answered``, ``rejected`` (the controller's 503, which names its action: ``reject`` or ``shed``) or ``failed``
+    with a reason (a backend 503, any other status, a timeout, a refused or reset connection)."""
+    if status == 200:
+        return "answered", None
+    if status == 503 and answer.get("parameters", {}).get("action") in ("reject", "shed"):
+        return "rejected", None  # skip action 'reject', or shed by the budget policy's SLO loop
+    if status == 0:
+        return "failed", f"{type(error).__name__}: {error}" if error is not None else "no response"
+    message = answer.get("error") if isinstance(answer, dict) else None
+    return "failed", f"HTTP {status}" + (f": {message}" if message else "")
+
+
 class _InferUser(FastHttpUser):
     abstract = True
     concurrency = 64  # connections per user: open-loop sends overlap
+    network_timeout = connection_timeout = 10.0  # --request-timeout-s
 
     def on_start(self):
         options = _options(self.environment)
         _, self.bodies, self.labels = _load_data(options)
         self.path = f"/v2/models/{_served_name(options)}/infer"
-        self.rng = random.Random()
         self.shape = _shape_of(options)
+        self.late_ms = options.late_ms
         self.source = getattr(self.environment.runner, "client_id", "local")
 
-    def send(self, intended_s: float | None) -> None:
-        """Send one random evaluation row; record it. ``intended_s``: open-loop schedule time."""
-        index = self.rng.randrange(len(self.bodies))
-        sent_s = time.time()
-        started = time.perf_counter()
-        with self.client.post(self.path, data=self.bodies[index], name="infer", catch_response=True,
-                              headers={"Content-Type": "application/json",
-                                       LABEL_HEADER: str(self.labels[index])}) as response:
-            service_ms = (time.perf_counter() - started) * 1e3
-            status = response.status_code or 0
-            if status in (200, 503):
-                response.success()  # a 503 is the controller's rejection, not a failure
-            answer = _parse(response.content) if status in (200, 503) else {}
-        parameters = answer.get("parameters", {})
-        predicted = answer.get("predicted")
-        label = self.labels[index]
-        t_ref = intended_s if intended_s is not None else sent_s
-        record = {
-            "t_intended": t_ref,
-            "t_sent": sent_s,
-            "latency_ms": (sent_s - t_ref) * 1e3 + service_ms,
-            "service_ms": service_ms,
-            "late": intended_s is not None and (sent_s - intended_s) * 1e3 > _options(self.environment).late_ms,
-            "status": status,
-            "admitted": parameters.get("admitted", status == 200) if status == 200 else False,
-            "action": parameters.get("action", "reject" if status == 503 else "full" if status == 200 else None),
-            "correct": predicted == label if status == 200 else False,
-            "label": label,
-            "predicted": predicted,
-            "tau": parameters.get("tau"),
-            "u": parameters.get("u"),
-            "phase": self.shape.phase_at(t_ref - (RUN.started_s or t_ref)),
-            "row": index,
-            "source": self.source,
-        }
-        if RUN.writer is not None and not isinstance(self.environment.runner, WorkerRunner):
-            RUN.writer.write([record])
-        else:
-            RUN.outbox.append(record)
+    def send(self, row: int, intended_s: float | None, seq: int | None = None, zero_s: float | None = None) -> None:
+        """Send evaluation row ``row``; record it whatever happens. ``intended_s``: the open-loop
+        schedule time (``seq`` its index, ``zero_s`` the schedule's start)."""
+        started_s = time.time()
+        t_ref = intended_s if intended_s is not None else started_s
+        zero = zero_s if zero_s is not None else (RUN.started_s or t_ref)
+        record = {"seq": seq, "row": row, "label": self.labels[row], "t_intended": t_ref, "t_sent": None,
+                  "offset_s": t_ref - zero, "phase": self.shape.phase_at(t_ref - zero), "source": self.source,
+                  "status": 0, "outcome": "cut_off", "reason": "not yet on the wire when the run ended",
+                  "admitted": False, "action": None, "correct": False, "predicted": None, "tau": None, "u": None, "threshold": None,
+                  "latency_ms": None, "service_ms": None, "late": False}
+        key = id(record)
+        RUN.pending[key] = record
+        me = id(gevent.getcurrent())
+        try:
+            with self.client.post(self.path, data=self.bodies[row], name="infer", catch_response=True,
+                                  headers={"Content-Type": "application/json",
+                                            LABEL_HEADER: str(self.labels[row])}) as response:
+                done_s = time.time()
+                status = response.status_code or 0
+                answer = _parse(response.content) if status else {}
+                outcome, reason = outcome_of(status, answer, getattr(response, "error", None))
+                if outcome == "failed":
+                    response.failure(reason)
+                else:
+                    response.success()  # a rejection is the controller's answer, not a failure
+            sent_s = _WIRE_S.pop(me, None) or started_s
+            parameters = answer.get("parameters", {})
+            predicted = answer.get("predicted")
+            record.update(
+                t_sent=sent_s, status=status, outcome=outcome, reason=reason,
+                latency_ms=(done_s - t_ref) * 1e3, service_ms=(done_s - sent_s) * 1e3,
+                late=intended_s is not None and (sent_s - intended_s) * 1e3 > self.late_ms,
+                admitted=bool(parameters.get("admitted", True)) if outcome == "answered" else False,
+                action=parameters.get("action", "full") if outcome == "answered" else
+                parameters.get("action", "reject") if outcome == "rejected" else None,
+                correct=outcome == "answered" and predicted == record["label"], predicted=predicted,
+                tau=parameters.get("tau"), u=parameters.get("u"), threshold=parameters.get("threshold"))
+        except BaseException as exc:  # killed at the end of the run (GreenletExit), or interrupted
+            sent_s = _WIRE_S.pop(me, None)
+            if sent_s is not None:
+                record.update(t_sent=sent_s, reason=f"still in flight when the run ended ({type(exc).__name__})")
+            raise
+        finally:
+            _WIRE_S.pop(me, None)
+            if RUN.pending.pop(key, None) is not None:  # not already recorded as cut off
+                _emit(record)
 
 
 def _parse(content: bytes | None) -> dict:
@@ -365,54 +580,86 @@ def _parse(content: bytes | None) -> dict:
         document = json.loads(content or b"{}")
     except ValueError:
         return {}
+    if not isinstance(document, dict):
+        return {}
     outputs = document.get("outputs") or []
-    if outputs and outputs[0].get("data"):
+    if outputs and isinstance(outputs[0], dict) and outputs[0].get("data"):
         data = outputs[0]["data"]
         document["predicted"] = max(range(len(data)), key=data.__getitem__)
     return document
 
 
+_users_started = [0]  # closed-loop users started in this process
+
+
 class ClosedLoopUser(_InferUser):
-    """Sends the next request as soon as the previous one is answered."""
-
-    wait_time = constant(0)
-
-    @task
-    def infer(self):
-        self.send(None)
-
-
-class OpenLoopUser(_InferUser):
-    """Poisson arrivals at ``arrival_rate / open_loop_users`` per second, scaled by the shape."""
+    """Sends the next request as soon as the previous one is answered, rows at random."""
 
     wait_time = constant(0)
 
     def on_start(self):
         super().on_start()
-        self.inflight = Group()
-        self.next_s = time.time()
+        import random
+
+        _users_started[0] += 1  # seeded per user: a closed-loop run's rows are reproducible too
+        self.rng = random.Random(f"{_options(self.environment).seed}-{self.source}-{_users_started[0]}")
+
+    @task
+    def infer(self):
+        self.send(self.rng.randrange(len(self.bodies)), None)
+
+
+_generators_started = [0]  # open-loop generators started in this process
+
+
+class OpenLoopUser(_InferUser):
+    """Replays its share of the schedule: arrival i goes to generator ``i % open_loop_users``.
+    Each arrival is sent in its own greenlet, at most ``concurrency`` at once (one per pooled
+    connection): when all are busy the generator waits, and what it sends then is late."""
+
+    wait_time = constant(0)
+
+    def on_start(self):
+        super().on_start()
+        options = _options(self.environment)
+        runner = self.environment.runner
+        workers = max(getattr(options, "processes", 0) or 0, getattr(options, "expect_workers", 1) or 1, 1) \
+            if isinstance(runner, WorkerRunner) else 1
+        worker = getattr(runner, "worker_index", 0) if isinstance(runner, WorkerRunner) else 0
+        local = _generators_started[0]
+        _generators_started[0] += 1
+        self.stride = max(options.open_loop_users, 1)
+        self.next_index = worker + workers * local
+        self.schedule = RUN.schedule or _schedule(options, self.shape, len(self.bodies))
+        RUN.schedule = self.schedule
+        self.inflight = Pool(self.concurrency)
+        self.zero_s = time.time()
 
     def on_stop(self):
         self.inflight.join(timeout=GRACEFUL_STOP_S)
+        self.inflight.kill(block=True, timeout=2)
 
     @task
     def arrivals(self):
         """Issue the arrivals of the next slice of time, each in its own greenlet."""
-        options = _options(self.environment)
-        rate = options.arrival_rate / max(options.open_loop_users, 1)
+        offsets, rows = self.schedule.offsets_s, self.schedule.rows
         slice_end = time.time() + ARRIVAL_SLICE_S
-        while self.next_s < slice_end:
-            delay = self.next_s - time.time()
+        while self.next_index < len(offsets) and self.zero_s + offsets[self.next_index] < slice_end:
+            i = self.next_index
+            intended = self.zero_s + offsets[i]
+            delay = intended - time.time()
             if delay > 0:
                 gevent.sleep(delay)
-            self.inflight.spawn(self.send, self.next_s)
-            factor = self.shape.load_factor(self.next_s - (RUN.started_s or self.next_s))
-            self.next_s += self.rng.expovariate(rate * factor)
+            self.inflight.spawn(self.send, rows[i], intended, i, self.zero_s)  # waits while all are busy
+            self.next_index += self.stride
+        if self.next_index >= len(offsets):
+            gevent.sleep(ARRIVAL_SLICE_S)  # the schedule is done: idle until the shape ends the run
 
 
 class CongestionShape(LoadTestShape):
     """The ``--shape`` pattern; closed-loop users, or open-loop generators with ``--arrival-rate``.
-    Reads ``-u`` and ``-t`` (a pattern ends at ``-t``, else at its natural length)."""
+    Reads ``-u``, ``-r`` and ``-t`` (a pattern ends at ``-t``, else at its natural length).
+    Users are spawned at ``-r`` per second when given, else all at once (users × 10 per second)."""
 
     use_common_options = True
 
@@ -424,6 +671,6 @@ class CongestionShape(LoadTestShape):
             return None
         if options.arrival_rate > 0:
             users = max(options.open_loop_users, 1)
-            return users, users, [OpenLoopUser]
+            return users, spawn_rate(users, RUN.spawn_rate), [OpenLoopUser]
         users = shape.users_at(t)
-        return users, max(users, 1) * 10, [ClosedLoopUser]
+        return users, spawn_rate(users, RUN.spawn_rate), [ClosedLoopUser]

@@ -87,3 +87,9 @@ class Shape:
         if self.name == "wave":
             return "rising" if int(t // p.phase_s) % 2 == 0 else "falling"
         return f"step-{min(int(t // p.phase_s), p.steps - 1) + 1}"
+
+
+def spawn_rate(users: int, given: float | None) -> float:
+    """Users started per second when a shape changes the user count: ``-r`` when the user gave
+    it, else all at once (ten times the users per second), so a spike is a spike."""
+    return given if given else max(users, 1) * 10

@@ -42,10 +42,16 @@ class WindowResult:
         values = [r.co2_g for r in self.readings if r.co2_g is not None]
         return values[0] if values else None
 
+    def co2_source(self) -> str:
+        """Where the CO2 figure came from: CodeCarbon's own energy (measured only when it read
+        RAPL) times the grid's intensity; never the label of another source's energy."""
+        labels = [r.label for r in self.readings if r.co2_g is not None]
+        return labels[0] if labels else "none"
+
     def as_record(self) -> dict:
         energy, label = self.energy_j()
         return {"window": self.name, "duration_s": self.duration_s, "energy_j": energy,
-                "energy_source": label, "co2_g": self.co2_g(),
+                "energy_source": label, "co2_g": self.co2_g(), "co2_source": self.co2_source(),
                 "sources": [asdict(r) | {"label": r.label} for r in self.readings]}
 
 

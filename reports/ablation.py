@@ -11,6 +11,8 @@ from reports.stats import accuracy_loss_pp, latency_summary, mean_reduction_pct,
 PAPER_LATENCY_REDUCTION_PCT = 42.0
 PAPER_ACCURACY_LOSS_PP = 0.5
 PAPER_ADMISSION_RATE = 0.58
+# Claims compare with this tolerance: a loss of 0.5000000000000004 pp is 0.5 pp, not a miss.
+CLAIM_TOLERANCE = 1e-9
 
 
 def energy_figures(run) -> dict:
@@ -44,10 +46,10 @@ def claims(latency_reduction_pct: float, accuracy_loss: float, accuracy_ci: list
     return [
         {"name": "latency_reduction", "target": f">= {PAPER_LATENCY_REDUCTION_PCT:g} %",
          "measured": round(latency_reduction_pct, 3),
-         "passed": bool(latency_reduction_pct >= PAPER_LATENCY_REDUCTION_PCT)},
+         "passed": bool(latency_reduction_pct >= PAPER_LATENCY_REDUCTION_PCT - CLAIM_TOLERANCE)},
         {"name": "accuracy_loss", "target": f"<= {PAPER_ACCURACY_LOSS_PP:g} pp",
          "measured": round(accuracy_loss, 3), "ci95": [round(v, 3) for v in accuracy_ci],
-         "passed": bool(accuracy_loss <= PAPER_ACCURACY_LOSS_PP)},
+         "passed": bool(accuracy_loss <= PAPER_ACCURACY_LOSS_PP + CLAIM_TOLERANCE)},
     ]
 
 
@@ -109,13 +111,13 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     lo, hi = summary["latency_reduction_ci95_pct"]
     console.print(f"latency reduction {summary['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f})")
     lo, hi = summary["accuracy_loss_ci95_pp"]
-    console.print(f"accuracy loss {summary['accuracy_loss_pp']:.2f} pp (95 % paired-bootstrap CI "
+    console.print(f"accuracy loss {summary['accuracy_loss_pp']:.2f} pp (95 % CI, cluster bootstrap over evaluation rows: "
                   f"{lo:.2f} … {hi:.2f})")
     console.print(f"admission rate {100 * summary['admission_rate']:.1f} % · oracle could skip "
                   f"{100 * summary['oracle_skip_rate']:.1f} % at zero accuracy loss "
                   f"(paper: {100 * PAPER_ADMISSION_RATE:.0f} % admitted)")
     _print_energy(summary, console)
-    verdicts = Table(title="claims (paper, Table III)")
+    verdicts = Table(title="claims, in-process ablation (paper, Table III)")
     for name in ("claim", "target", "measured", "verdict"):
         verdicts.add_column(name)
     for claim in summary["claims"]:
@@ -135,7 +137,10 @@ def _print_energy(summary: dict, console: Console) -> None:
                   f"bio {1e3 * bio['energy_per_request_j']:.3f} mJ, "
                   f"reduction {summary['energy_reduction_pct']:.1f} %")
     if std["co2_g_per_1k_requests"] is not None:
-        console.print(f"CO2 per 1,000 requests ({source}): standard {std['co2_g_per_1k_requests']:.2e} g, "
+        # CO2 always comes from CodeCarbon (its own energy × the grid's intensity), whatever
+        # source the energy figure above came from.
+        co2_source = "measured:codecarbon" if source == "measured:codecarbon" else "estimated:codecarbon"
+        console.print(f"CO2 per 1,000 requests ({co2_source}): standard {std['co2_g_per_1k_requests']:.2e} g, "
                       f"bio {bio['co2_g_per_1k_requests']:.2e} g")
 
 

@@ -6,6 +6,7 @@ import io
 import numpy as np
 
 from reports.ablation import PAPER_ACCURACY_LOSS_PP, PAPER_ADMISSION_RATE
+from reports.records import ANSWERED, outcome
 from reports.runs import Run
 
 COLOURS = {"standard": "#7f7f7f", "bio": "#2ca02c"}
@@ -35,7 +36,7 @@ def latency_cdf(runs: list[Run]) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, run in enumerate(runs):
-        latency = np.sort([r["latency_ms"] for r in run.records if r["status"] == 200])
+        latency = np.sort([r["latency_ms"] for r in run.records if outcome(r) == ANSWERED])
         if latency.size:
             ax.plot(latency, np.arange(1, latency.size + 1) / latency.size, label=run.name, color=_colour(run, i))
     ax.set_xscale("log")
@@ -47,22 +48,26 @@ def latency_cdf(runs: list[Run]) -> bytes:
     return _png(fig)
 
 
-def over_time(runs: list[Run]) -> bytes:
-    """Per second: load (requests sent), latency p50/p95, τ and admission rate."""
+def over_time(runs: list[Run], warmup_s: float | None = None) -> bytes:
+    """Per second of the schedule: load (requests sent), latency p50/p95, τ and admission rate;
+    the warm-up excluded from the claims is shaded."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     plt = _pyplot()
     fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
     for i, run in enumerate(runs):
-        answered = [r for r in run.records if r["status"] == 200]
+        timed = [r for r in run.records if r.get("t_intended") is not None]
+        answered = [r for r in timed if outcome(r) == ANSWERED]
         if not answered:
             continue
-        start = min(r["t_sent"] for r in run.records)
-        second = np.floor(np.array([r["t_sent"] for r in answered]) - start).astype(int)
+        start = min(r["t_intended"] for r in timed)
+        second = np.floor(np.array([r["t_intended"] for r in answered]) - start).astype(int)
         latency = np.array([r["latency_ms"] for r in answered])
         admitted = np.array([bool(r["admitted"]) for r in answered], dtype=float)
         tau = np.array([np.nan if r.get("tau") is None else r["tau"] for r in answered], dtype=float)
         xs = np.unique(second)
         colour = _colour(run, i)
-        sent = np.bincount(np.floor(np.array([r["t_sent"] for r in run.records]) - start).astype(int))
+        sent = np.bincount(np.floor(np.array([r["t_intended"] for r in timed]) - start).astype(int))
         axes[0].plot(np.arange(sent.size), sent, color=colour, label=run.name)
         axes[1].plot(xs, [np.percentile(latency[second == x], 50) for x in xs], color=colour, label=f"{run.name} p50")
         axes[1].plot(xs, [np.percentile(latency[second == x], 95) for x in xs], color=colour, ls="--",
@@ -70,13 +75,20 @@ def over_time(runs: list[Run]) -> bytes:
         if not np.all(np.isnan(tau)):
             axes[2].plot(xs, [np.nanmean(tau[second == x]) for x in xs], color=colour, label=run.name)
         axes[3].plot(xs, [admitted[second == x].mean() for x in xs], color=colour, label=run.name)
-    for ax, label in zip(axes, ("requests sent / s (load)", "latency ms", "τ(t)", "admission rate")):
+    for ax, label in zip(axes, ("requests sent / s (load)", "latency ms (log)", "τ(t)", "admission rate")):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+        if warmup_s:
+            ax.axvspan(0, warmup_s, color="#999999", alpha=0.15, lw=0)
     axes[1].set_yscale("log")
+    # Decades only, written as plain numbers: matplotlib's default log ticks crowd the axis.
+    axes[1].yaxis.set_major_locator(LogLocator(base=10, numticks=6))
+    axes[1].yaxis.set_major_formatter(ScalarFormatter())
+    axes[1].yaxis.set_minor_formatter(NullFormatter())
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=7, ncol=2)
-    axes[-1].set_xlabel("seconds since the run started")
+    title = "seconds since the run started"
+    axes[-1].set_xlabel(title + (f" (shaded: warm-up, {warmup_s:.1f} s, excluded from the claims)" if warmup_s else ""))
     fig.suptitle("Load, latency, τ(t) and admission over time")
     return _png(fig)
 
@@ -117,7 +129,7 @@ def admission_accuracy(curve: dict | None, measured: list[tuple[str, float, floa
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     if curve is not None:
-        ax.plot(curve["admission_rate"], curve["accuracy_loss_pp"], label="exit threshold sweep (model)")
+        ax.plot(curve["admission_rate"], curve["accuracy_loss_pp"], label=f"exit threshold sweep ({curve.get('measure', 'entropy')}, reference answers)")
         ax.scatter([curve["oracle_admission_rate"]], [0.0], marker="*", s=150, color="gold", edgecolor="k",
                    zorder=3, label="oracle (admit only where the exit head disagrees)")
     for name, admission, loss in measured:
@@ -151,25 +163,16 @@ def throughput_energy(figures: list[dict]) -> bytes | None:
     return _png(fig)
 
 
-def model_tradeoff(model: str | None) -> dict | None:
-    """The model's admission–accuracy curve over exit-uncertainty thresholds, on its evaluation
-    set (stage 1 and the full model run once per row); None when the model cannot be loaded."""
-    if not model:
+def reference_tradeoff(reference: dict | None, measure: str = "entropy") -> dict | None:
+    """The admission–accuracy curve over exit-uncertainty thresholds, from the run's reference
+    answers (the exit and full answers and the exit uncertainty per evaluation row, computed
+    during the run); None for a run recorded without them. No model is run here."""
+    if not reference:
         return None
-    try:
-        from green_mlops.models import resolve_model
-        from targets.controller import uncertainty
-        from targets.ort_target import OnnxRuntimeTarget
-
-        spec = resolve_model(model)
-        backend = OnnxRuntimeTarget(spec, device="cpu")
-        x, y = spec.load_eval()
-    except Exception:  # a report must build from its files even where the model is not at hand
-        return None
-    exit_p, _ = backend.stage1(x)
-    full_pred = backend.full_probabilities(x).argmax(1)
-    exit_pred = exit_p.argmax(1)
-    u = uncertainty(exit_p, "entropy")
+    y = np.asarray(reference["label"])
+    full_pred = np.asarray(reference["full_predicted"])
+    exit_pred = np.asarray(reference["exit_predicted"])
+    u = np.asarray(reference["exit_u"].get(measure) or reference["exit_u"]["entropy"])
     full_accuracy = float((full_pred == y).mean())
     cuts = np.unique(np.concatenate([[-1.0], np.quantile(u, np.linspace(0, 1, 41))]))
     admission, loss = [], []
@@ -178,5 +181,5 @@ def model_tradeoff(model: str | None) -> dict | None:
         pred = np.where(admit, full_pred, exit_pred)
         admission.append(float(admit.mean()))
         loss.append(100 * (full_accuracy - float((pred == y).mean())))
-    return {"admission_rate": admission, "accuracy_loss_pp": loss,
+    return {"admission_rate": admission, "accuracy_loss_pp": loss, "measure": measure,
             "oracle_admission_rate": float((exit_pred != full_pred).mean())}

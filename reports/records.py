@@ -9,6 +9,8 @@ import numpy as np
 from reports.checks import check_record, json_lines
 from reports.stats import latency_summary
 
+ANSWERED, REJECTED, FAILED, CUT_OFF = "answered", "rejected", "failed", "cut_off"
+
 
 def read_records(path: Path) -> list[dict]:
     """All complete records of a requests.jsonl, each checked (RecordsError names the line and the
@@ -16,10 +18,18 @@ def read_records(path: Path) -> list[dict]:
     return json_lines(path, check_record)
 
 
+def outcome(record: dict) -> str:
+    """The record's outcome; records written before outcomes existed are read by status."""
+    if "outcome" in record:
+        return record["outcome"]
+    status = record.get("status")
+    return ANSWERED if status == 200 else REJECTED if status == 503 else FAILED
+
+
 def phase_summary(records: list[dict]) -> list[dict]:
-    """Per load phase, in order of first appearance, then ``all``: n, throughput, latency
-    percentiles over all samples, admission rate and accuracy over answered requests, rejected,
-    failed and late counts."""
+    """Per load phase, in order of first appearance, then ``all``: counts, throughput, latency
+    percentiles over answered requests, admission rate, and accuracy over answered and rejected
+    requests (a rejection is scored as wrong)."""
     phases: dict[str, list[dict]] = {}
     for record in records:
         phases.setdefault(record.get("phase", "?"), []).append(record)
@@ -34,17 +44,27 @@ def _figures(name: str, records: list[dict]) -> dict:
 
 
 def request_figures(records: list[dict]) -> dict:
-    """n, answered, rejected, failed and late counts, duration and throughput, latency over all
-    answered samples, admission rate and accuracy over answered requests."""
-    answered = [r for r in records if r["status"] == 200]
-    sent = [r["t_sent"] for r in records]
+    """n (requests sent) and its outcomes, late count, duration and throughput (answered per
+    second), latency over all answered samples, admission rate over answered requests, accuracy
+    over answered *and* rejected requests (a user who got no answer got no right answer)."""
+    by = {k: [r for r in records if outcome(r) == k] for k in (ANSWERED, REJECTED, FAILED, CUT_OFF)}
+    answered = by[ANSWERED]
+    sent = [r["t_intended"] if r.get("t_intended") is not None else r.get("t_sent") for r in records]
+    sent = [t for t in sent if t is not None]
     duration_s = (max(sent) - min(sent)) if len(sent) > 1 else 0.0
     latency = latency_summary(np.array([r["latency_ms"] for r in answered]))
+    scored = answered + by[REJECTED]
+    reasons: dict[str, int] = {}
+    for r in by[FAILED]:
+        reason = str(r.get("reason") or f"HTTP {r.get('status')}")[:160]
+        reasons[reason] = reasons.get(reason, 0) + 1
     return {
         "n": len(records),
         "answered": len(answered),
-        "rejected": sum(r["status"] == 503 for r in records),
-        "failed": sum(r["status"] not in (200, 503) for r in records),
+        "rejected": len(by[REJECTED]),
+        "failed": len(by[FAILED]),
+        "cut_off": len(by[CUT_OFF]),
+        "failure_reasons": reasons,
         "late": sum(bool(r.get("late")) for r in records),
         "duration_s": duration_s,
         "throughput_rps": len(answered) / duration_s if duration_s > 0 else None,
@@ -53,5 +73,5 @@ def request_figures(records: list[dict]) -> dict:
         "p95_ms": latency["p95_ms"],
         "p99_ms": latency["p99_ms"],
         "admission_rate": (sum(bool(r["admitted"]) for r in answered) / len(answered)) if answered else None,
-        "accuracy": (sum(bool(r["correct"]) for r in answered) / len(answered)) if answered else None,
+        "accuracy": (sum(bool(r["correct"]) for r in answered) / len(scored)) if scored else None,
     }

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from reports import plots
@@ -24,17 +25,21 @@ PLOT_TITLES = {
 
 
 def make_plots(runs: list[Run], summary: dict) -> dict[str, bytes]:
+    """Every plot from the recorded runs and their reference answers; no model is run."""
     figures = list(summary["runs"].values())
-    model = next((f["conditions"].get("model") for f in figures if f["conditions"].get("model")), None)
     comparison = summary["comparison"]
     measured = []
-    if comparison is not None:
+    if comparison is not None and comparison.get("accuracy_loss_pp") is not None:
         measured.append((comparison["bio_run"], comparison["admission_rate"], comparison["accuracy_loss_pp"]))
+    bio = next((r for r in reversed(runs) if r.scenario == "bio" and r.reference), None)
+    reference = bio.reference if bio else next((r.reference for r in runs if r.reference), None)
+    measure = (((bio.metadata.get("controller_state_at_end") or {}).get("config") or {}).get("uncertainty")
+               if bio else None) or "entropy"
     made = {
         "latency_cdf": plots.latency_cdf(runs),
-        "over_time": plots.over_time(runs),
+        "over_time": plots.over_time(runs, None if comparison is None else comparison.get("warmup_s")),
         "power": plots.power_over_time(runs),
-        "admission_accuracy": plots.admission_accuracy(plots.model_tradeoff(model), measured),
+        "admission_accuracy": plots.admission_accuracy(plots.reference_tradeoff(reference, measure), measured),
         "throughput_energy": plots.throughput_energy(figures),
     }
     return {name: png for name, png in made.items() if png is not None}
@@ -53,49 +58,101 @@ def _run_rows(summary: dict) -> list[list[str]]:
     for f in summary["runs"].values():
         energy = "–" if f["energy_per_request_j"] is None else f"{1e3 * f['energy_per_request_j']:.3f} mJ ({f['energy_source']})"
         co2 = "–" if f["co2_g_per_1k_requests"] is None else f"{f['co2_g_per_1k_requests']:.2e} g ({f['co2_source']})"
-        rows.append([f["name"], f["scenario"], str(f["answered"]), _num(f["throughput_rps"], ".1f"),
+        achieved = ("closed loop" if f["achieved_fraction"] is None else
+                    f"{f['achieved_rps']:.1f}/{f['schedule']['requested_rps']:.1f} req/s")
+        rows.append([f["name"], f["scenario"], str(f["n"]), str(f["answered"]), str(f["rejected"]), str(f["failed"]),
+                     str(f["cut_off"]), str(f["late"]), achieved, _num(f["throughput_rps"], ".1f"),
                      _num(f["p50_ms"]), _num(f["p95_ms"]), _num(f["p99_ms"]), _pct(f["accuracy"]),
                      _pct(f["admission_rate"]), energy, co2])
     return rows
 
 
-RUN_HEADER = ["run", "scenario", "answered", "req/s", "p50 ms", "p95 ms", "p99 ms", "accuracy", "admitted",
-              "energy/request", "CO2 / 1k requests"]
-PHASE_HEADER = ["run", "phase", "n", "req/s", "p50 ms", "p95 ms", "p99 ms", "admitted", "accuracy", "rejected", "late"]
+RUN_HEADER = ["run", "scenario", "sent", "answered", "rejected", "failed", "cut off", "late", "achieved / requested",
+              "answered/s", "p50 ms", "p95 ms", "p99 ms", "accuracy", "admitted", "energy/request",
+              "CO2 / 1k requests"]
+PHASE_HEADER = ["run", "phase", "n", "req/s", "p50 ms", "p95 ms", "p99 ms", "admitted", "accuracy", "rejected",
+                "failed", "late"]
 CLAIM_HEADER = ["claim", "target", "measured", "95 % CI", "n (standard, bio)", "status"]
 
 
 def _phase_rows(summary: dict) -> list[list[str]]:
     return [[f["name"], p["phase"], str(p["n"]), _num(p["throughput_rps"], ".1f"), _num(p["p50_ms"]),
              _num(p["p95_ms"]), _num(p["p99_ms"]), _pct(p["admission_rate"]), _pct(p["accuracy"]),
-             str(p["rejected"]), str(p["late"])]
+             str(p["rejected"]), str(p.get("failed", 0)), str(p["late"])]
             for f in summary["runs"].values() for p in f["phases"]]
 
 
-def _claim_rows(summary: dict) -> list[list[str]]:
+def _claim_rows(claims: list[dict]) -> list[list[str]]:
     rows = []
-    for c in summary["claims"]:
+    for c in claims:
         ci = "–" if c.get("ci95") is None else f"{c['ci95'][0]:.2f} … {c['ci95'][1]:.2f}"
         rows.append([c["name"], c["target"], _num(c["measured"]), ci, str(c.get("n", "–")),
                      c["status"] + (f" ({c['reason']})" if c.get("reason") else "")])
     return rows
 
 
+def _failure_lines(summary: dict) -> list[str]:
+    return [f"{f['name']}: {reason} ×{n}" for f in summary["runs"].values()
+            for reason, n in sorted(f["failure_reasons"].items(), key=lambda kv: -kv[1])]
+
+
+def _ablation_lines(summary: dict) -> list[str]:
+    a = summary.get("ablation")
+    if not a:
+        return []
+    lo, hi = a["latency_reduction_ci95_pct"]
+    alo, ahi = a["accuracy_loss_ci95_pp"]
+    energy = ("not measured" if a.get("energy_reduction_pct") is None
+              else f"{a['energy_reduction_pct']:.1f} % ({a['standard']['energy_source']}"
+                   + (", an estimate: a throughput ratio, not a measurement)" if
+                      str(a["standard"]["energy_source"]).startswith("estimated") else ")"))
+    return [
+        f"In-process, paired, batch 1, closed loop: {a['standard']['n_requests']} requests per mode on "
+        f"{a['model']} ({a['provider']}), the same requests in both modes.",
+        f"latency reduction {a['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f}); "
+        f"accuracy loss {a['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f}, cluster bootstrap over rows); "
+        f"admission rate {_pct(a['admission_rate'])}; energy reduction {energy}",
+    ]
+
+
 def _comparison_lines(summary: dict) -> list[str]:
     c = summary["comparison"]
     if c is None:
         return ["Standard vs bio: not measurable (needs one standard and one bio run)."]
-    lo, hi = c["latency_reduction_ci95_pct"]
-    alo, ahi = c["accuracy_loss_ci95_pp"]
+    lines = [f"Standard ({c['standard_run']}, n={c['n_standard']} answered after the warm-up) vs bio "
+             f"({c['bio_run']}, n={c['n_bio']}):"]
+    if not c["open_loop"]:
+        lines.append("closed loop: unequal offered load (the faster mode receives more requests); "
+                     "shown, but no claim rests on it.")
+    for difference in c["condition_differences"]:
+        lines.append(f"conditions differ: {difference}")
+    warm = c["warmup_excluded"]
+    lines.append(f"warm-up: {_num(c['warmup_s'], '.2f')} s ({c['warmup_rule']}); excluded from the claims "
+                 f"in both runs: standard {warm['standard']}, bio {warm['bio']} requests")
+    if c["latency_reduction_pct"] is not None:
+        lo, hi = c["latency_reduction_ci95_pct"]
+        lines.append(f"latency reduction {c['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f}, "
+                     f"answered requests); p95 reduction {_num(c['p95_reduction_pct'], '.1f')} %")
+    if c.get("accuracy_loss_pp") is not None:
+        alo, ahi = c["accuracy_loss_ci95_pp"]
+        if c.get("accuracy_paired"):
+            lines.append(f"accuracy loss {c['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f}, cluster "
+                         f"bootstrap over {c['rows_covered']} evaluation rows), paired with the full model's "
+                         f"answer for each request's row; {c['rejected_scored_wrong']} rejections scored as wrong; "
+                         f"standard's answers match the reference on {_pct(c.get('standard_matches_reference'))}")
+        else:
+            lines.append(f"accuracy loss {c['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f}), unpaired: "
+                         "the runs carry no reference answers")
     energy = ("not measured" if c["energy_reduction_pct"] is None
-              else f"{c['energy_reduction_pct']:.1f} % ({c['energy_source']})")
-    return [
-        f"Standard ({c['standard_run']}, n={c['n_standard']}) vs bio ({c['bio_run']}, n={c['n_bio']}):",
-        f"latency reduction {c['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f}); "
-        f"p95 reduction {c['p95_reduction_pct']:.1f} %",
-        f"accuracy loss {c['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f})",
-        f"energy reduction {energy}; bio admission rate {_pct(c['admission_rate'])}",
-    ]
+              else f"{c['energy_reduction_pct']:.1f} % ({c['energy_source']}"
+                   + (", an estimate from time and utilisation: a throughput ratio in disguise" if "estimated" in
+                      c["energy_source"] else "")
+                   + ("; includes the load generator" if c.get("energy_includes_load_generator") else "") + ")")
+    fed = c.get("gateway_energy_fed")
+    lines.append(f"energy reduction per answered request {energy}; bio's controller fed ê from "
+                 f"{fed if fed else 'nothing (β·ê was 0)'}; admission rate {_pct(c['admission_rate'])}, "
+                 f"rejection rate {_pct(c['rejection_rate'])}")
+    return lines
 
 
 def _conditions(summary: dict) -> list[list[str]]:
@@ -104,8 +161,11 @@ def _conditions(summary: dict) -> list[list[str]]:
         c = f["conditions"]
         versions = ", ".join(f"{k} {v}" for k, v in (c.get("versions") or {}).items())
         machine = c.get("machine") or {}
-        rows.append([f["name"], str(c.get("model")), str(c.get("provider")), str(c.get("controller")),
-                     f"{c.get('shape')} {'open loop' if c.get('open_loop') else 'closed loop'}",
+        schedule = f.get("schedule")
+        load = f"{c.get('shape')} " + (f"open loop, schedule {schedule['digest']} ({schedule['n_scheduled']} arrivals, "
+                                       f"seed {schedule['seed']})" if schedule else
+                                       "open loop" if c.get("open_loop") else "closed loop")
+        rows.append([f["name"], str(c.get("model")), str(c.get("provider")), str(c.get("controller")), load,
                      f"{machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs", versions])
     return rows
 
@@ -129,14 +189,23 @@ def _verdict(summary: dict) -> str:
     return "VALID" if summary["valid"] else "INVALID"
 
 
+VALIDITY_MEANING = ("VALID/INVALID judges the load test's measurement (same conditions, offered load achieved, "
+                    "failures ≤ 0.1 %, sends on time, long and stable enough), not whether the claims held.")
+
+
 def render_html(summary: dict, pngs: dict[str, bytes]) -> str:
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in summary["invalid_reasons"])
     regressions = "".join(f"<li>{html.escape(r)}</li>" for r in summary.get("regressions", []))
+    failures = "".join(f"<li>{html.escape(line)}</li>" for line in _failure_lines(summary))
     figures = "".join(
         f'<figure><img alt="{html.escape(PLOT_TITLES[name])}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(PLOT_TITLES[name])}</figcaption></figure>'
         for name, png in pngs.items())
     colour = "#1a7f37" if summary["valid"] else "#b42318"
+    ablation = ""
+    if summary.get("ablation"):
+        ablation = (f"<h2>In-process ablation</h2>{''.join(f'<p>{html.escape(x)}</p>' for x in _ablation_lines(summary))}"
+                    f"{_html_table(CLAIM_HEADER, _claim_rows(summary['ablation_claims']))}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>green-mlops report</title>
 <style>
@@ -145,42 +214,55 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
 th, td {{ border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; }}
 th {{ background: #f6f8fa; }} td:first-child, th:first-child {{ text-align: left; }}
 .verdict {{ font-size: 1.6em; font-weight: bold; color: {colour}; }}
+.line {{ font-weight: bold; }}
 figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #d0d7de; }}
-.held {{ color: #1a7f37; }} .not_held {{ color: #b42318; }} .not_measurable {{ color: #9a6700; }}
 </style></head><body>
 <h1>green-mlops report</h1>
-<p class="verdict">{_verdict(summary)}</p>
+<p class="verdict">load test {_verdict(summary)}</p>
+<p>{html.escape(VALIDITY_MEANING)}</p>
 {f"<ul>{reasons}</ul>" if reasons else "<p>All validity rules hold.</p>"}
 {f"<h2>Regressions against the baseline</h2><ul>{regressions}</ul>" if regressions else ""}
-<h2>Claims (paper: −42 % latency, ≤ 0.5 pp accuracy loss)</h2>
-{_html_table(CLAIM_HEADER, _claim_rows(summary))}
-<h2>Standard vs bio</h2>
+{ablation}
+<h2>Load test: claims (paper: −42 % latency, ≤ 0.5 pp accuracy loss)</h2>
+{_html_table(CLAIM_HEADER, _claim_rows(summary["claims"]))}
+<h2>Standard vs bio under load</h2>
 {"".join(f"<p>{html.escape(line)}</p>" for line in _comparison_lines(summary))}
 <h2>Runs</h2>
 {_html_table(RUN_HEADER, _run_rows(summary))}
+{f"<h2>Failures</h2><ul>{failures}</ul>" if failures else ""}
 <h2>Per load phase</h2>
 {_html_table(PHASE_HEADER, _phase_rows(summary))}
 <h2>Run conditions</h2>
 {_html_table(CONDITION_HEADER, _conditions(summary))}
 <h2>Plots</h2>
 {figures or "<p>No plots: no answered requests.</p>"}
+<h2>Verdict</h2>
+<p class="line">{html.escape(summary["verdict"])}</p>
 </body></html>
 """
 
 
 def render_markdown(summary: dict, png_names: list[str]) -> str:
+    ablation = []
+    if summary.get("ablation"):
+        ablation = ["## In-process ablation", "", *_ablation_lines(summary), "",
+                    _md_table(CLAIM_HEADER, _claim_rows(summary["ablation_claims"])), ""]
+    failures = _failure_lines(summary)
     parts = [
-        "# green-mlops report", "", f"**{_verdict(summary)}**", "",
+        "# green-mlops report", "", f"**load test {_verdict(summary)}**", "", VALIDITY_MEANING, "",
         *[f"- {r}" for r in summary["invalid_reasons"]], "",
         *(["Regressions against the baseline:", *[f"- {r}" for r in summary["regressions"]], ""]
           if summary.get("regressions") else []),
-        "## Claims", "", _md_table(CLAIM_HEADER, _claim_rows(summary)), "",
-        "## Standard vs bio", "", *_comparison_lines(summary), "",
+        *ablation,
+        "## Load test: claims", "", _md_table(CLAIM_HEADER, _claim_rows(summary["claims"])), "",
+        "## Standard vs bio under load", "", *[f"- {line}" for line in _comparison_lines(summary)], "",
         "## Runs", "", _md_table(RUN_HEADER, _run_rows(summary)), "",
+        *(["## Failures", "", *[f"- {line}" for line in failures], ""] if failures else []),
         "## Per load phase", "", _md_table(PHASE_HEADER, _phase_rows(summary)), "",
         "## Run conditions", "", _md_table(CONDITION_HEADER, _conditions(summary)), "",
         "## Plots", "",
-        *[f"![{PLOT_TITLES[name]}]({name}.png)" for name in png_names],
+        *[f"![{PLOT_TITLES[name]}]({name}.png)" for name in png_names], "",
+        "## Verdict", "", f"**{summary['verdict']}**",
     ]
     return "\n".join(parts) + "\n"
 
@@ -196,33 +278,44 @@ def write_report(out: Path, summary: dict, pngs: dict[str, bytes]) -> list[Path]
     return paths
 
 
-def print_report(summary: dict, console: Console | None = None) -> None:
+def _claims_table(title: str, claims: list[dict]) -> Table:
+    """Claims, one row each; the reasons print below the table (they are sentences)."""
+    table = Table(title=title)
+    for column in ("claim", "target", "measured", "95 % CI", "status"):
+        table.add_column(column, no_wrap=column in ("claim", "status"))
+    for row, c in zip(_claim_rows(claims), claims):
+        colour = {HELD: "green", NOT_HELD: "red"}.get(c["status"], "yellow")
+        table.add_row(*[escape(cell) for cell in row[:4]], f"[{colour}]{escape(c['status'])}[/]")
+    return table
+
+
+def print_report(summary: dict, console: Console | None = None, verdict: bool = True) -> None:
+    """The report on the console; it ends with the one verdict line (``verdict=False``: the
+    caller prints it last, after its own lines)."""
     console = console or Console()
     style = "bold green" if summary["valid"] else "bold red"
-    console.print(f"[{style}]{_verdict(summary)}[/]")
+    console.print(f"[{style}]load test {_verdict(summary)}[/]")
     for reason in summary["invalid_reasons"]:
-        console.print(f"  · {reason}", highlight=False)
-    compact_runs = [[f["name"], str(f["answered"]), _num(f["throughput_rps"], ".0f"), _num(f["p50_ms"]),
-                     _num(f["p95_ms"]), _num(f["p99_ms"]), _pct(f["accuracy"]), _pct(f["admission_rate"]),
-                     _num(None if f["energy_per_request_j"] is None else 1e3 * f["energy_per_request_j"], ".2f")]
+        console.print(f"  · {escape(reason)}", highlight=False)
+    compact_runs = [[f["name"], str(f["n"]), str(f["answered"]), str(f["rejected"]), str(f["failed"]),
+                     str(f["cut_off"]), str(f["late"]), _num(f["achieved_rps"], ".0f"), _num(f["p50_ms"], ".1f"),
+                     _num(f["p95_ms"], ".1f"), _pct(f["accuracy"]), _pct(f["admission_rate"])]
                     for f in summary["runs"].values()]
-    compact_header = ["run", "answered", "req/s", "p50", "p95", "p99", "acc", "admit", "mJ/req"]
-    for name, header, rows in (("runs (latency ms)", compact_header, compact_runs),
-                               ("claims", CLAIM_HEADER[:3] + CLAIM_HEADER[-1:],
-                                [row[:3] + row[-1:] for row in _claim_rows(summary)])):
-        table = Table(title=name)
-        for column in header:
-            table.add_column(column)
-        for row in rows:
-            if name.startswith("claims"):
-                status = row[-1].split(" ")[0]
-                colour = {HELD: "green", NOT_HELD: "red"}.get(status, "yellow")
-                row = [*row[:-1], f"[{colour}]{row[-1]}[/]"]
-            table.add_row(*row)
-        console.print(table)
+    table = Table(title="load test runs (latency ms; every column in report.md)")
+    for column in ["run", "sent", "ok", "rej", "fail", "cut", "late", "req/s", "p50", "p95", "acc", "admit"]:
+        table.add_column(column, no_wrap=True)
+    for row in compact_runs:
+        table.add_row(*[escape(cell) for cell in row])
+    console.print(table)
+    console.print(_claims_table("claims under load", summary["claims"]))
+    for c in summary["claims"]:
+        if c.get("reason"):
+            console.print(f"  {c['name']}: {c['status']}: {c['reason']}", highlight=False, markup=False)
     for line in _comparison_lines(summary):
-        console.print(line, highlight=False)
-    sources = {f["energy_source"] for f in summary["runs"].values()}
-    console.print(f"energy source: {', '.join(sorted(sources))}", highlight=False)
+        console.print(line, highlight=False, markup=False)
+    for line in _failure_lines(summary):
+        console.print(f"failure: {line}", highlight=False, markup=False)
     for regression in summary.get("regressions", []):
-        console.print(f"[red]regression:[/] {regression}", highlight=False)
+        console.print(f"[red]regression:[/] {escape(regression)}", highlight=False)
+    if verdict:
+        console.print(summary["verdict"], highlight=False, markup=False, soft_wrap=True)

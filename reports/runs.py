@@ -10,6 +10,9 @@ from reports.checks import check_metadata, check_sample, check_window, json_line
 from reports.records import read_records
 from targets.errors import GreenMLOpsError
 
+REFERENCE_FILE = "reference.json"  # written by the locustfiles (loadtests/reference.py)
+ABLATION_FILE = "ablation.json"  # written by validate once the in-process ablation is done
+
 
 @dataclass
 class Run:
@@ -19,6 +22,7 @@ class Run:
     records: list[dict]
     windows: list[dict] = field(default_factory=list)
     timeline: list[dict] = field(default_factory=list)
+    reference: dict | None = None  # reference.json: the full and exit answers per evaluation row
 
     @property
     def scenario(self) -> str:
@@ -31,7 +35,37 @@ def load_run(path: Path) -> Run:
     except json.JSONDecodeError as exc:
         raise GreenMLOpsError(f"{path / 'run.json'} is not valid JSON: {exc}") from exc
     return Run(path.name, path, check_metadata(metadata, str(path / "run.json")), read_records(path / "requests.jsonl"),
-               json_lines(path / "windows.jsonl", check_window), json_lines(path / "timeline.jsonl", check_sample))
+               json_lines(path / "windows.jsonl", check_window), json_lines(path / "timeline.jsonl", check_sample),
+               _reference(path))
+
+
+def _reference(path: Path) -> dict | None:
+    """The run's reference answers (``reference.json``), or None for a run recorded without."""
+    file = path / REFERENCE_FILE
+    if not file.exists():
+        return None
+    try:
+        document = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise GreenMLOpsError(f"{file} is not valid JSON: {exc}") from exc
+    keys = ("label", "full_predicted", "exit_predicted", "exit_u")
+    if not isinstance(document, dict) or any(k not in document for k in keys):
+        raise GreenMLOpsError(f"{file} lacks one of {', '.join(keys)}")
+    return document
+
+
+def load_ablation(results: Path) -> dict | None:
+    """The in-process ablation's figures (``ablation/ablation.json``, else ``validate.json``)
+    when ``results`` is a validate directory; None otherwise."""
+    for file in (results / "ablation" / ABLATION_FILE, results / "validate.json"):
+        if file.exists():
+            try:
+                document = json.loads(file.read_text())
+            except json.JSONDecodeError as exc:
+                raise GreenMLOpsError(f"{file} is not valid JSON: {exc}") from exc
+            if isinstance(document, dict) and "claims" in document and "standard" in document:
+                return {k: v for k, v in document.items() if k != "load_test"}
+    return None
 
 
 def find_runs(results: Path) -> list[Run]:

@@ -84,3 +84,29 @@ def independent_bootstrap_ci(
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(values, [tail, 1.0 - tail])
     return float(lo), float(hi)
+
+
+def cluster_mean_ci(
+    values: np.ndarray,
+    clusters: np.ndarray,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of the mean of ``values`` under a cluster bootstrap: whole clusters
+    (e.g. the evaluation row each request carried) are drawn with replacement, so the repeats of
+    one input do not narrow the interval. Vectorised over per-cluster sums and counts."""
+    values, clusters = np.asarray(values, dtype=np.float64), np.asarray(clusters)
+    if values.size == 0:
+        raise ValueError("no values to resample")
+    unique, inverse = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(inverse, weights=values, minlength=len(unique))
+    counts = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(unique), size=(resamples, len(unique)))
+    weights = np.zeros((resamples, len(unique)))
+    np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
+    means = (weights @ sums) / (weights @ counts)
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [tail, 1.0 - tail])
+    return float(lo), float(hi)

@@ -119,19 +119,71 @@ def test_unwritable_json_path_gives_a_message(tmp_path):
     assert "cannot write" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_validate_runs_the_load_test_and_the_report(tmp_path):
+def test_validate_runs_the_load_test_and_the_report(tmp_path, capsys):
     code = main(["validate", "--requests", "200", "--warmup", "20", "--k", "50", "--load-s", "4",
                  "--load-phase-s", "1", "--load-users", "2", "--results", str(tmp_path), "--gate"])
     v = json.loads((tmp_path / "validate.json").read_text())
     load = v["load_test"]
-    assert {c["name"] for c in load["claims"]} == {"latency_reduction", "accuracy_loss"}
+    assert [c["name"] for c in load["claims"]] == ["latency_reduction", "accuracy_loss", "energy_reduction"]
     assert load["comparison"]["n_standard"] > 0 and load["comparison"]["n_bio"] > 0
+    assert load["comparison"]["open_loop"] and load["comparison"]["condition_differences"] == []
     assert not load["valid"]  # 4 s runs are below the 10 s minimum: the report says so
     assert any("below the minimum" in r for r in load["invalid_reasons"])
     assert code == 1  # so the gate fails
-    for name in ("report.html", "report.md", "summary.json", "controller.toml"):
+    for name in ("report.html", "report.md", "summary.json", "controller.toml", "schedule.json",
+                 "ablation/ablation.json"):
         assert (tmp_path / name).exists()
+    schedule = json.loads((tmp_path / "schedule.json").read_text())
     for scenario in ("standard", "bio"):
         run = json.loads((tmp_path / scenario / "run.json").read_text())
-        assert run["scenario"] == scenario and run["shape"] == "spike"
+        assert run["scenario"] == scenario and run["shape"] == "spike" and run["finished"]
+        assert run["schedule"]["digest"] == schedule["digest"]  # one schedule, replayed by both
     assert "tau_inf" in (tmp_path / "controller.toml").read_text()
+    # one verdict, in one place: the report covers the ablation too, and the console ends with it
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ablation_claims"] and summary["verdict"] == load["verdict"]
+    assert "in-process" in summary["verdict"] and "load test INVALID" in summary["verdict"]
+    out = capsys.readouterr().out
+    assert "verdict: " in out and "paired-bootstrap" not in out and "cluster bootstrap" in out
+
+
+def test_gate_help_names_the_invalid_report():
+    result = run_cli("validate", "--help")
+    assert "or the report is INVALID" in " ".join(result.stdout.split())
+
+
+def test_ctrl_c_in_the_load_stage_keeps_the_ablation_and_what_was_recorded(tmp_path):
+    import os
+    import signal
+    import time
+
+    results = tmp_path / "r"
+    process = subprocess.Popen([sys.executable, "-m", "green_mlops.cli", "validate", "--requests", "200",
+                                "--warmup", "20", "--k", "50", "--load-s", "30", "--energy", "off",
+                                "--results", str(results)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        records = results / "standard" / "requests.jsonl"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (not records.exists() or records.stat().st_size < 20_000):
+            time.sleep(0.1)
+        assert records.exists(), "the load stage did not start"
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
+        _, stderr = process.communicate(timeout=90)
+        assert process.returncode == 130, stderr[-2000:]
+        assert "Traceback" not in stderr
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+    v = json.loads((results / "validate.json").read_text())
+    assert v["claims"] and v["standard"]["n_requests"] == 200  # the finished ablation
+    assert v["load_test"]["interrupted"]
+    assert (results / "ablation" / "ablation.json").exists()
+    run = json.loads((results / "standard" / "run.json").read_text())
+    assert run["finished"] and run["n_records"] == len((results / "standard" / "requests.jsonl").read_text().splitlines())
+    assert (results / "summary.json").exists()  # the partial report
+    with pytest.raises(ProcessLookupError):  # nothing left behind
+        os.killpg(process.pid, 0)

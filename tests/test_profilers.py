@@ -197,6 +197,9 @@ def test_windows_prefer_measured_energy_and_record_to_disk(tmp_path):
     assert result.co2_g() == 0.5
     record = json.loads((tmp_path / "windows.jsonl").read_text())
     assert record["window"] == "w" and record["energy_j"] == 4.0 and len(record["sources"]) == 3
+    # CO2 carries its own source (CodeCarbon's estimate), not the measured energy's label
+    assert record["energy_source"] == "measured:nvml+measured:rapl"
+    assert record["co2_source"] == "estimated:codecarbon" and result.co2_source() == "estimated:codecarbon"
     with pytest.raises(ValueError, match="not begun"):
         profiler.end_window("w")
     profiler.begin_window("v")

@@ -46,12 +46,27 @@ def parse_html(path: Path) -> StrictParser:
 
 @pytest.fixture(scope="module")
 def recorded_runs(tmp_path_factory):
-    """A standard and a bio run, each a real 6 s headless Locust run under a spike."""
+    """A standard and a bio run, each a real 6 s headless open-loop Locust run under a spike,
+    replaying the same seeded schedule."""
+    import os
+    import signal
+
     root = tmp_path_factory.mktemp("runs")
     for scenario in ("standard", "bio"):
-        subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / f"{scenario}.py"),
-                        "--headless", "--shape", "spike", "--base-users", "2", "--phase-s", "2", "-t", "6",
-                        "--results", str(root / scenario)], cwd=root, check=True, capture_output=True, timeout=120)
+        process = subprocess.Popen([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / f"{scenario}.py"),
+                                    "--headless", "--shape", "spike", "--base-users", "2", "--phase-s", "2", "-t", "6",
+                                    "--arrival-rate", "40", "--seed", "3", "--results", str(root / scenario)],
+                                   cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        try:
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr[-3000:]
+        finally:  # the run and the gateway it started, whatever happened
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=30)
     return root
 
 
@@ -62,9 +77,14 @@ def test_report_from_real_runs(recorded_runs, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"valid", "invalid_reasons", "claims", "runs", "comparison"}
     assert set(summary["runs"]) == {"standard", "bio"}
-    assert [c["name"] for c in summary["claims"]] == ["latency_reduction", "accuracy_loss"]
+    assert [c["name"] for c in summary["claims"]] == ["latency_reduction", "accuracy_loss", "energy_reduction"]
     assert all(c["status"] in ("held", "not_held") and c["ci95"][0] <= c["measured"] <= c["ci95"][1]
-               for c in summary["claims"])
+               for c in summary["claims"][:2])
+    comparison = summary["comparison"]
+    assert comparison["accuracy_paired"] and comparison["standard_matches_reference"] == 1.0
+    assert comparison["condition_differences"] == []
+    assert summary["runs"]["standard"]["schedule"]["digest"] == summary["runs"]["bio"]["schedule"]["digest"]
+    assert summary["runs"]["standard"]["schedule"]["n_scheduled"] == summary["runs"]["bio"]["schedule"]["n_scheduled"]
     bio = summary["runs"]["bio"]
     assert {p["phase"] for p in bio["phases"]} == {"base", "spike", "recovery", "all"}
     assert bio["energy_source"].startswith(("measured:", "estimated:"))
@@ -75,6 +95,8 @@ def test_report_from_real_runs(recorded_runs, tmp_path):
         assert base64.b64decode(image["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert "| latency_reduction |" in markdown and "![" in markdown
+    assert markdown.rstrip().splitlines()[-1] == f"**{summary['verdict']}**"  # one verdict line, at the end
+    assert "VALID/INVALID judges the load test's measurement" in markdown
     assert all((out / f"{name}.png").exists() for name in ("latency_cdf", "over_time", "admission_accuracy"))
 
 
@@ -174,7 +196,7 @@ def test_empty_phase(tmp_path):
     summary = report_of(tmp_path)
     spike = next(p for p in summary["runs"]["bio"]["phases"] if p["phase"] == "spike")
     assert spike["answered"] == 0 and spike["rejected"] == 100
-    assert spike["p50_ms"] is None and spike["accuracy"] is None
+    assert spike["p50_ms"] is None and spike["accuracy"] == 0.0  # a rejection is no right answer
 
 
 def test_run_cut_short(tmp_path):
@@ -195,3 +217,38 @@ def test_missing_results_dir_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "green_mlops.cli", "report", str(tmp_path / "empty")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "no recorded runs" in result.stderr
+
+
+def test_the_report_reads_the_runs_and_never_runs_a_model(recorded_runs, tmp_path, monkeypatch):
+    import targets.ort_target
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report ran a model")
+
+    monkeypatch.setattr(targets.ort_target.OnnxRuntimeTarget, "__init__", refuse)
+    out = tmp_path / "report"
+    assert main(["report", str(recorded_runs), "--out", str(out), "--min-duration-s", "3",
+                 "--min-requests", "100"]) == 0
+    assert (out / "admission_accuracy.png").exists()  # drawn from the runs' reference answers
+
+
+def test_the_report_covers_the_in_process_ablation(recorded_runs, tmp_path, capsys):
+    root = tmp_path / "validate"
+    shutil.copytree(recorded_runs, root)
+    (root / "ablation").mkdir()
+    (root / "ablation" / "ablation.json").write_text(json.dumps({
+        "model": "digits", "provider": "CPUExecutionProvider", "latency_reduction_pct": 50.0,
+        "latency_reduction_ci95_pct": [48.0, 52.0], "accuracy_loss_pp": 0.3, "accuracy_loss_ci95_pp": [0.1, 0.5],
+        "admission_rate": 0.5, "energy_reduction_pct": None,
+        "standard": {"n_requests": 2000, "energy_source": "none"}, "bio": {},
+        "claims": [{"name": "latency_reduction", "target": ">= 42 %", "measured": 50.0, "passed": True},
+                   {"name": "accuracy_loss", "target": "<= 0.5 pp", "measured": 0.3, "ci95": [0.1, 0.5],
+                    "passed": True}]}))
+    main(["report", str(root), "--min-duration-s", "3", "--min-requests", "100"])
+    summary = json.loads((root / "summary.json").read_text())
+    assert [c["status"] for c in summary["ablation_claims"]] == ["held", "held"]
+    assert "held: in-process latency_reduction, in-process accuracy_loss" in summary["verdict"]
+    markdown = (root / "report.md").read_text()
+    assert "## In-process ablation" in markdown and "2000 requests per mode" in markdown
+    console = capsys.readouterr().out
+    assert summary["verdict"].split(" · ")[0] in console.replace("\n", " ")

@@ -52,3 +52,10 @@ def test_bad_parameters(bad):
 def test_unknown_shape():
     with pytest.raises(ValueError, match="unknown shape"):
         Shape("tsunami", P)
+
+
+def test_spawn_rate_is_the_given_one_else_all_at_once():
+    from loadtests.shapes import spawn_rate
+
+    assert spawn_rate(8, 2.0) == 2.0  # -r honoured
+    assert spawn_rate(8, None) == 80 and spawn_rate(0, None) == 10
