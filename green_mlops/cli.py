@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
                             "or ~/.cache/green-mlops/models)")
     build.add_argument("--samples", type=_positive_int, help="reviews: cap the data (a quick, smaller build)")
     build.add_argument("--max-length", type=_positive_int, default=64, help="reviews: at most this many tokens per snippet")
-    build.add_argument("--epochs", type=_positive_int, default=3, help="reviews: fine-tuning epochs")
+    build.add_argument("--epochs", type=_positive_int, default=4, help="reviews: fine-tuning epochs")
     return parser
 
 

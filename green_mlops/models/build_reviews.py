@@ -36,7 +36,7 @@ import numpy as np
 
 SEED = 0
 MAX_LENGTH = 64  # tokens: the snippets' median is ~26, 95 % fit in 47 (the paper used 128)
-EPOCHS = 3
+EPOCHS = 4
 BATCH_SIZE = 32
 LR_ENCODER = 5e-5
 LR_HEADS = 1e-3  # the fresh linear heads start from scratch
