@@ -256,11 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path,
                        help="output directory (default: digits in the package; reviews in $GREEN_MLOPS_MODELS "
                             "or ~/.cache/green-mlops/models)")
-    build.add_argument("--variant", choices=("fast", "full"), default="fast",
-                       help="reviews: frozen encoder with trained heads (minutes), or fine-tuned (15-20 min)")
     build.add_argument("--samples", type=_positive_int, help="reviews: cap the data (a quick, smaller build)")
-    build.add_argument("--max-length", type=_positive_int, default=64, help="reviews: tokens per snippet")
-    build.add_argument("--exit-layer", type=_positive_int, default=2, help="reviews: layers in stage 1")
+    build.add_argument("--max-length", type=_positive_int, default=64, help="reviews: at most this many tokens per snippet")
+    build.add_argument("--epochs", type=_positive_int, default=4, help="reviews: fine-tuning epochs")
     return parser
 
 
@@ -449,8 +447,7 @@ def _run_models_build(args) -> int:
     else:
         from green_mlops.models.build_reviews import build
 
-        build(out, log=log, variant=args.variant, samples=args.samples, max_length=args.max_length,
-              exit_layer=args.exit_layer)
+        build(out, log=log, samples=args.samples, max_length=args.max_length, epochs=args.epochs)
     stderr.print(f"models build {args.name}: {time.monotonic() - started:.0f} s")
     return 0
 
