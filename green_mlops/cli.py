@@ -144,6 +144,13 @@ def controller_config(args, spec, backend=None):
     return build_config(spec.controller_hints, args.config, overrides, calibration=calibrator(spec, backend))
 
 
+def tau_inf_is_explicit(args) -> bool:
+    """Whether the user set τ∞ (flag or the TOML file), rather than the model's calibration."""
+    from targets.controller_config import read_toml
+
+    return args.tau_inf is not None or (args.config is not None and "tau_inf" in read_toml(args.config))
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -300,8 +307,8 @@ def _run_serve(args) -> int:
     spec = resolve_model(args.model)
     backend = OnnxRuntimeTarget(spec, device=args.device)
     # Calibration (and the budget policy's certificate) run in-process on the validation split.
-    controller = None if args.controller == "off" else make_controller(controller_config(args, spec, backend), spec,
-                                                                       backend)
+    controller = None if args.controller == "off" else make_controller(
+        controller_config(args, spec, backend), spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
     if args.backend == "triton":
         from targets.triton_target import FallbackBackend, TritonTarget
 

@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from targets.make_controller import make_controller
-from green_mlops.cli import EXIT_GATE, EXIT_INTERRUPTED, controller_config, make_results_dir, open_energy, stderr
+from green_mlops.cli import (EXIT_GATE, EXIT_INTERRUPTED, controller_config, make_results_dir, open_energy, stderr,
+                             tau_inf_is_explicit)
 from green_mlops.models import resolve_model
 from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
 from loadtests.runner import LoadSpec, run_scenario
@@ -75,7 +76,9 @@ def run_validate(args) -> int:
     spec = resolve_model(args.model)
     backend = OnnxRuntimeTarget(spec, device=args.device)
     config = controller_config(args, spec, backend)
-    controller = make_controller(config, spec, backend)  # the budget policy certifies here, before any work
+    # The budget policy certifies here, before any work; its config is the one used from now on.
+    controller = make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
+    config = controller.config
     x, y = spec.load_eval()
     x_validation = spec.load_validation()[0] if args.sweep else None  # sweep points come from it: fail early
     order = request_order(len(x), args.requests, min_requests=2000)
@@ -176,10 +179,9 @@ def _print_dashboard_url(console: Console):
 def _calibration(spec, config, args, backend):
     """The per-exit calibration the controller uses, unless the user set τ∞ explicitly."""
     from targets.calibration import calibration_for
-    from targets.controller_config import read_toml
-
-    explicit = args.tau_inf is not None or (args.config is not None and "tau_inf" in read_toml(args.config))
-    return None if explicit else calibration_for(spec, config.uncertainty, backend)
+    if tau_inf_is_explicit(args) or config.policy == "budget":
+        return None  # τ∞ from the user, or from the budget's certificate (validate.json → budget)
+    return calibration_for(spec, config.uncertainty, backend)
 
 
 def _in_process_verdict(summary: dict, interrupted: bool = False) -> str:

@@ -89,3 +89,12 @@ def test_gateway_sheds_explicitly_when_the_slo_cannot_be_met(start_gateway, digi
     assert state["budget"]["slo"]["shed_probability"] > 0
     assert f"green_mlops_shed_total {float(shed)}" in metrics
     assert 'outcome="shed"' in metrics and "green_mlops_slo_p95_target_seconds 1e-06" in metrics
+
+
+def test_the_budget_policy_spends_the_certified_budget_unless_told_otherwise(digits_spec, digits_backend):
+    config = ControllerConfig(policy="budget", accuracy_budget_pp=2.0, tau_inf=0.95, exit_tau_inf=(0.9, 0.9, 0.9))
+    controller = make_controller(config, digits_spec, digits_backend)
+    ceiling = controller.budget.ceiling
+    assert controller.config.tau_inf == pytest.approx(1.0 - ceiling) and controller.config.exit_tau_inf is None
+    kept = make_controller(config, digits_spec, digits_backend, explicit_tau_inf=True)
+    assert kept.config.tau_inf == 0.95 and kept.config.exit_tau_inf == (0.9, 0.9, 0.9)
