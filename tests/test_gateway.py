@@ -497,6 +497,7 @@ class SlowBackend:
     def __init__(self, backend):
         self._backend = backend
         self.provider = backend.provider
+        self.n_stages = backend.n_stages
         self.release = threading.Event()
         self.entered = threading.Event()
 
