@@ -192,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="open loop: Poisson arrivals per second at base load, scaled by the shape, one seeded "
                            "schedule replayed by both runs (default 40; 0: closed loop, which decides no claim)")
     load.add_argument("--load-seed", type=int, default=0, help="seed of the open-loop schedule (times and rows)")
+    load.add_argument("--compare-policies", action="store_true",
+                      help="also run bio under the other policy (paper/budget) on the same schedule, "
+                           "into bio-<policy>; the report sets the policies side by side")
     _add_energy_flags(validate)
     _add_controller_flags(validate)
     _add_mlflow_flags(validate)

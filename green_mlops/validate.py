@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -222,11 +222,21 @@ def _load_test(args, spec, config, results: Path, console: Console, n_rows: int)
     load = _load_spec(args, config_path, schedule_path)
     loop = (f"open loop, {args.load_arrival_rate:g} req/s base, schedule {schedule_path.name}"
             if schedule_path else "closed loop (unequal offered load: no claim is decided)")
-    for scenario in ("standard", "bio"):
+    runs = [("standard", "standard", load), ("bio", "bio", load)]
+    if args.compare_policies:
+        # The other policy, on the same schedule, into bio-<policy>: the report sets them side by side.
+        other = "paper" if config.policy == "budget" else "budget"
+        other_config = asdict(replace(config, policy=other))
+        if other == "budget" and not tau_inf_is_explicit(args):
+            other_config.pop("tau_inf"), other_config.pop("exit_tau_inf")  # τ∞ from the certificate
+        other_path = results / f"controller-{other}.toml"
+        other_path.write_text(_toml(other_config))
+        runs.append((f"bio-{other}", "bio", replace(load, controller_config=other_path)))
+    for name, scenario, spec_ in runs:
         started = time.monotonic()
-        with console.status(f"load test: {scenario} · {load.shape} · {loop} · {load.run_time_s} s …"):
-            run_scenario(scenario, results / scenario, load, on_line=_print_dashboard_url(console))
-        console.print(f"load test {scenario}: done in {time.monotonic() - started:.0f} s ({loop})",
+        with console.status(f"load test: {name} · {load.shape} · {loop} · {load.run_time_s} s …"):
+            run_scenario(scenario, results / name, spec_, on_line=_print_dashboard_url(console))
+        console.print(f"load test {name}: done in {time.monotonic() - started:.0f} s ({loop})",
                       highlight=False, markup=False)
     return _report(results, console)
 

@@ -155,6 +155,35 @@ def _comparison_lines(summary: dict) -> list[str]:
     return lines
 
 
+POLICY_HEADER = ["run", "policy", "latency reduction %", "accuracy loss pp (95 % CI)", "accuracy spent on answers pp",
+                 "budget pp (held)", "p95 ms / SLO ms (held)", "admitted", "shed"]
+
+
+def _yes_no(value) -> str:
+    return "–" if value is None else "yes" if value else "NO"
+
+
+def _policy_rows(summary: dict) -> list[list[str]]:
+    """One row per bio run under the same schedule: what each policy did and what it promised."""
+    rows = []
+    for row in summary.get("policies", []):
+        ci = row.get("accuracy_loss_ci95_pp")
+        loss = _num(row["accuracy_loss_pp"]) + (f" ({_num(ci[0])} … {_num(ci[1])})" if ci else "")
+        budget = "–" if row["budget_pp"] is None else f"{row['budget_pp']:g} ({_yes_no(row['held_budget'])})"
+        slo = (_num(row["p95_ms"], ".1f") if row["slo_p95_ms"] is None else
+               f"{_num(row['p95_ms'], '.1f')} / {row['slo_p95_ms']:g} ({_yes_no(row['held_slo'])})")
+        shed = f"{row['shed']} ({_pct(row['shed_rate'])})"
+        rows.append([row["run"], row["policy"], _num(row["latency_reduction_pct"]), loss,
+                     _num(row["accuracy_spent_pp"]), budget, slo, _pct(row["admission_rate"]), shed])
+    return rows
+
+
+POLICIES_MEANING = ("Each bio run against the same standard run, under the same schedule. 'accuracy spent' is the "
+                    "paired loss over answered requests only: what the controller's early exits cost; shed and "
+                    "rejected requests are counted apart (and scored as wrong in the claims). A budget is held "
+                    "when the accuracy spent is within it; an SLO when bio's p95 is within it.")
+
+
 def _conditions(summary: dict) -> list[list[str]]:
     rows = []
     for f in summary["runs"].values():
@@ -225,6 +254,8 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #d0d7de; }
 {ablation}
 <h2>Load test: claims (paper: −42 % latency, ≤ 0.5 pp accuracy loss)</h2>
 {_html_table(CLAIM_HEADER, _claim_rows(summary["claims"]))}
+{(f"<h2>Policies under the same schedule</h2><p>{html.escape(POLICIES_MEANING)}</p>"
+   + _html_table(POLICY_HEADER, _policy_rows(summary))) if summary.get("policies") else ""}
 <h2>Standard vs bio under load</h2>
 {"".join(f"<p>{html.escape(line)}</p>" for line in _comparison_lines(summary))}
 <h2>Runs</h2>
@@ -255,6 +286,8 @@ def render_markdown(summary: dict, png_names: list[str]) -> str:
           if summary.get("regressions") else []),
         *ablation,
         "## Load test: claims", "", _md_table(CLAIM_HEADER, _claim_rows(summary["claims"])), "",
+        *(["## Policies under the same schedule", "", POLICIES_MEANING, "",
+           _md_table(POLICY_HEADER, _policy_rows(summary)), ""] if summary.get("policies") else []),
         "## Standard vs bio under load", "", *[f"- {line}" for line in _comparison_lines(summary)], "",
         "## Runs", "", _md_table(RUN_HEADER, _run_rows(summary)), "",
         *(["## Failures", "", *[f"- {line}" for line in failures], ""] if failures else []),
@@ -311,6 +344,14 @@ def print_report(summary: dict, console: Console | None = None, verdict: bool = 
     for c in summary["claims"]:
         if c.get("reason"):
             console.print(f"  {c['name']}: {c['status']}: {c['reason']}", highlight=False, markup=False)
+    if summary.get("policies"):
+        table = Table(title="policies under the same schedule")
+        for column in ("run", "policy", "latency −%", "acc loss pp", "spent pp", "budget (held)", "p95/SLO (held)",
+                       "admit", "shed"):
+            table.add_column(column)
+        for row in _policy_rows(summary):
+            table.add_row(*[escape(cell) for cell in row])
+        console.print(table)
     for line in _comparison_lines(summary):
         console.print(line, highlight=False, markup=False)
     for line in _failure_lines(summary):

@@ -196,11 +196,69 @@ def _reference_agreement(standard_measured: list[dict], reference: dict) -> floa
     return sum(r["predicted"] == full[r["row"]] for r in answered) / len(answered)
 
 
+def _main_bio(runs: list[Run]) -> Run | None:
+    """The bio run the claims rest on: the one named ``bio`` when there is one, else the last."""
+    named = [r for r in runs if r.scenario == "bio" and r.name == "bio" and r.records]
+    return named[-1] if named else _pick(runs, "bio")
+
+
 def compare(runs: list[Run]) -> dict | None:
-    """Standard vs bio (the last run of each scenario); None without both."""
-    standard, bio = _pick(runs, "standard"), _pick(runs, "bio")
+    """Standard vs bio (the last standard run, the main bio run); None without both."""
+    standard, bio = _pick(runs, "standard"), _main_bio(runs)
     if standard is None or bio is None:
         return None
+    return compare_pair(standard, bio)
+
+
+def run_policy(run: Run) -> str:
+    """The controller policy a bio run's gateway used (``paper`` for runs recorded before policies)."""
+    return (run.metadata.get("controller_state_at_end") or {}).get("policy") or "paper"
+
+
+def policy_comparisons(runs: list[Run]) -> list[dict]:
+    """Every bio run against the same standard run, one row each, with whether it held its budget
+    and its latency SLO: how the policies compare under the same schedule."""
+    standard = _pick(runs, "standard")
+    if standard is None:
+        return []
+    rows = []
+    for bio in (r for r in runs if r.scenario == "bio" and r.records):
+        c = compare_pair(standard, bio)
+        state = bio.metadata.get("controller_state_at_end") or {}
+        budget = state.get("budget") or {}
+        certificate = budget.get("certificate") or {}
+        slo = budget.get("slo") or {}
+        budget_pp = certificate.get("budget_pp")
+        loss = c.get("accuracy_loss_pp")
+        # Accuracy the controller spent: the paired loss over answered requests only (shed and
+        # rejected requests are counted apart, and scored as wrong in the claims).
+        answered = None
+        if bio.reference or standard.reference:
+            measured = [r for r in _measured(bio, c["warmup_s"] or 0.0) if outcome(r) == ANSWERED]
+            answered = _paired_accuracy(measured, bio.reference or standard.reference)
+        spent = None if answered is None else answered["accuracy_loss_pp"]
+        bio_p95 = request_figures(_measured(bio, c["warmup_s"] or 0.0))["p95_ms"]
+        shed = sum(1 for r in bio.records if r.get("action") == "shed")
+        rows.append({
+            "run": bio.name, "policy": run_policy(bio),
+            "latency_reduction_pct": c["latency_reduction_pct"], "latency_reduction_ci95_pct": c["latency_reduction_ci95_pct"],
+            "accuracy_loss_pp": loss, "accuracy_loss_ci95_pp": c.get("accuracy_loss_ci95_pp"),
+            "admission_rate": c["admission_rate"], "rejection_rate": c["rejection_rate"],
+            "shed": shed, "shed_rate": shed / len(bio.records) if bio.records else None,
+            "budget_pp": budget_pp, "certified": certificate.get("certified"),
+            "smallest_certifiable_budget_pp": certificate.get("smallest_certifiable_budget_pp"),
+            "accuracy_spent_pp": spent,
+            "accuracy_spent_ci95_pp": None if answered is None else answered["accuracy_loss_ci95_pp"],
+            "held_budget": None if budget_pp is None or spent is None else spent <= budget_pp + CLAIM_TOLERANCE,
+            "slo_p95_ms": slo.get("slo_p95_ms"), "p95_ms": bio_p95,
+            "held_slo": None if not slo.get("slo_p95_ms") or bio_p95 is None else bio_p95 <= slo["slo_p95_ms"],
+            "condition_differences": c["condition_differences"],
+        })
+    return rows
+
+
+def compare_pair(standard: Run, bio: Run) -> dict:
+    """Standard vs one bio run: latency, paired accuracy, energy, warm-up excluded from both."""
     warm_s, warm_rule = warmup_s(bio)
     std_measured = _measured(standard, warm_s)
     bio_measured = _measured(bio, warm_s)
@@ -465,6 +523,9 @@ def build_summary(runs: list[Run], baseline: dict | None = None, rules: Validity
         "runs": {f["name"]: f for f in figures},
         "validity_rules": vars(rules),
     }
+    policies = policy_comparisons(runs)
+    if len(policies) > 1 or any(row["policy"] != "paper" for row in policies):
+        summary["policies"] = policies
     if ablation is not None:
         summary["ablation"] = ablation
         summary["ablation_claims"] = ablation_claims(ablation)
