@@ -1,0 +1,73 @@
+"""The report's side-by-side of policies under one schedule: planted runs whose accuracy spent,
+shedding and p95 are known, recovered per policy, with the budget and SLO verdicts they imply."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reports.render import POLICY_HEADER, _md_table, _policy_rows
+from reports.runs import Run
+from reports.verdict import build_summary
+
+N_ROWS = 200
+
+
+def records(rng, *, action_of, latency_ms: float, wrong_rows: set[int]):
+    rows = rng.integers(0, N_ROWS, 1000)
+    out = []
+    for seq, row in enumerate(rows):
+        action = action_of(seq)
+        shed = action == "shed"
+        out.append({"seq": seq, "row": int(row), "label": 1, "t_intended": 1000 + seq * 0.01, "t_sent": 1000 + seq * 0.01,
+                    "offset_s": seq * 0.01, "phase": 0, "source": "local", "status": 503 if shed else 200,
+                    "outcome": "rejected" if shed else "answered", "reason": None, "admitted": action == "full",
+                    "action": action, "correct": (not shed) and int(row) not in wrong_rows,
+                    "predicted": None if shed else (0 if int(row) in wrong_rows else 1),
+                    "tau": None, "u": None, "latency_ms": None if shed else latency_ms, "service_ms": latency_ms,
+                    "late": False})
+    return out
+
+
+def run(name, scenario, recs, state=None):
+    reference = {"label": [1] * N_ROWS, "full_predicted": [1] * N_ROWS, "exit_predicted": [1] * N_ROWS,
+                 "exit_u": [0.0] * N_ROWS}
+    return Run(name, Path(name), {"scenario": scenario, "open_loop": True, "controller_state_at_end": state},
+               recs, reference=reference)
+
+
+def budget_state(slo_p95_ms=None):
+    return {"policy": "budget", "budget": {"certificate": {"budget_pp": 0.5, "certified": True,
+                                                           "smallest_certifiable_budget_pp": 0.46},
+                                           "slo": {"slo_p95_ms": slo_p95_ms} if slo_p95_ms else None}}
+
+
+def test_each_policy_is_compared_with_standard_and_judged_against_its_own_promises():
+    rng = np.random.default_rng(0)
+    standard = run("standard", "standard", records(rng, action_of=lambda s: "full", latency_ms=10.0, wrong_rows=set()))
+    # paper: exits everything and gets 4 of 200 rows wrong (2 pp); budget: 1 wrong row (0.5 pp)
+    # and sheds every 5th request under an SLO of 2 ms it cannot meet (p95 3 ms).
+    paper = run("bio-paper", "bio", records(rng, action_of=lambda s: "exit", latency_ms=2.0, wrong_rows={0, 1, 2, 3}),
+                {"policy": "paper"})
+    budget = run("bio", "bio", records(rng, action_of=lambda s: "shed" if s % 5 == 0 else "exit", latency_ms=3.0,
+                                       wrong_rows={7}), budget_state(slo_p95_ms=2.0))
+    summary = build_summary([standard, budget, paper])
+    assert summary["comparison"]["bio_run"] == "bio"  # the claims rest on the run named bio
+    by_policy = {row["policy"]: row for row in summary["policies"]}
+    assert by_policy["paper"]["accuracy_spent_pp"] == pytest.approx(2.0, abs=0.6)
+    assert by_policy["paper"]["held_budget"] is None and by_policy["paper"]["shed"] == 0
+    row = by_policy["budget"]
+    assert row["shed"] == 200 and row["shed_rate"] == pytest.approx(0.2)
+    assert row["accuracy_spent_pp"] == pytest.approx(0.5, abs=0.3) and row["held_budget"] is (row["accuracy_spent_pp"] <= 0.5)
+    assert row["accuracy_loss_pp"] > 15  # shed requests scored as wrong in the claim, not in what was spent
+    assert row["p95_ms"] == pytest.approx(3.0) and row["held_slo"] is False
+    table = _md_table(POLICY_HEADER, _policy_rows(summary))
+    assert "| bio-paper | paper |" in table and "| bio | budget |" in table and "(NO)" in table
+
+
+def test_a_single_paper_run_adds_no_policy_table():
+    rng = np.random.default_rng(1)
+    standard = run("standard", "standard", records(rng, action_of=lambda s: "full", latency_ms=10.0, wrong_rows=set()))
+    bio = run("bio", "bio", records(rng, action_of=lambda s: "exit", latency_ms=2.0, wrong_rows=set()), {"policy": "paper"})
+    assert "policies" not in build_summary([standard, bio])
