@@ -74,7 +74,9 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--capacity", type=int, help="in-flight requests counted as full congestion, default 8")
     group.add_argument("--slo-ms", type=float, dest="slo_ms", help="latency objective for ĉ, default 100")
     group.add_argument("--policy", choices=("paper", "budget"),
-                       help="'paper': J ≤ τ(t) alone (default); 'budget': held inside a certified accuracy budget")
+                       help="'paper': J ≤ τ(t) alone; 'budget': held inside a certified accuracy budget "
+                            "(default: budget for validate, falling back to paper when the model cannot certify one; "
+                            "paper for serve)")
     group.add_argument("--accuracy-budget-pp", type=float, dest="accuracy_budget_pp",
                        help="budget policy: accuracy loss against the full model, default 0.5 pp")
     group.add_argument("--risk", type=float, help="budget policy: δ, the certificate holds with probability "

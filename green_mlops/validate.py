@@ -38,7 +38,8 @@ from reports.ablation import print_summary, print_sweep, summarise
 from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
 from reports.runs import ABLATION_FILE
-from targets.errors import GreenMLOpsError
+from targets.controller_config import read_toml
+from targets.errors import ConfigError, GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
 
 
@@ -60,6 +61,9 @@ def _write_json(path: Path, document: dict) -> None:
         raise GreenMLOpsError(f"cannot write {path}: {exc}") from exc
 
 
+DEFAULT_VALIDATE_POLICY = "budget"  # validate's default: the controller that holds its promise (--policy paper: the paper's)
+
+
 def budget_lines(budget: dict) -> list[str]:
     """The budget policy's certificate, in words."""
     cert = budget["certificate"]
@@ -75,9 +79,20 @@ def run_validate(args) -> int:
         require_mlflow()  # before the run: a missing extra must not cost a whole validation
     spec = resolve_model(args.model)
     backend = OnnxRuntimeTarget(spec, device=args.device)
+    policy_defaulted = args.policy is None and (args.config is None or "policy" not in read_toml(args.config))
+    if policy_defaulted:
+        args.policy = DEFAULT_VALIDATE_POLICY
     config = controller_config(args, spec, backend)
     # The budget policy certifies here, before any work; its config is the one used from now on.
-    controller = make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
+    try:
+        controller = make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
+    except ConfigError as exc:
+        if not policy_defaulted:
+            raise
+        stderr.print(f"budget policy unavailable for model {spec.name} ({exc}); running the paper's policy "
+                     "(--policy paper)", soft_wrap=True, highlight=False, markup=False)
+        config = replace(config, policy="paper")
+        controller = make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
     config = controller.config
     x, y = spec.load_eval()
     x_validation = spec.load_validation()[0] if args.sweep else None  # sweep points come from it: fail early
