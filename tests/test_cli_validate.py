@@ -58,8 +58,8 @@ def test_validate_figures_are_consistent(quick_validate):
 
 def test_gate_fails_when_a_claim_does_not_hold(tmp_path):
     out = tmp_path / "v.json"
-    # τ = 0 skips every request: the exit head alone loses more than 0.5 pp on digits.
-    code = main(["validate", "--requests", "300", "--warmup", "20", "--tau0", "0", "--tau-inf", "0",
+    # The paper's policy at τ = 0 skips every request: the exit head alone loses more than 0.5 pp on digits.
+    code = main(["validate", "--requests", "300", "--warmup", "20", "--tau0", "0", "--tau-inf", "0", "--policy", "paper",
                  "--no-load", "--energy", "off", "--results", str(tmp_path), "--gate", "--json", str(out)])
     v = json.loads(out.read_text())
     assert v["admission_rate"] == 0.0

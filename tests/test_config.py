@@ -106,6 +106,6 @@ def test_digits_ladder_is_calibrated_from_its_validation_split(digits_spec, digi
 
     for measure in ("entropy", "least_confidence", "margin"):
         calibration = calibration_for(digits_spec, measure, digits_backend)
-        assert calibration.source == "validation.npz" and calibration.n_validation == 180
+        assert calibration.source == "validation.npz" and calibration.n_validation == len(digits_spec.load_validation()[1]) == 503
         assert len(calibration.u_star) == digits_spec.n_exits
         assert all(0.0 <= u <= 1.0 for u in calibration.u_star)
