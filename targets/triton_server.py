@@ -193,6 +193,13 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if process is not None:
+            # The server leads its own process group; its Python backend stubs outlive a server
+            # that was killed (SIGKILL) and would be orphans: end whatever is left of the group.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         log = getattr(self, "_log", None)
         if log is not None:
             log.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -129,12 +130,18 @@ def test_triton_killed_mid_run(local_triton, triton_repo, start_gateway, digits_
         for t in loads:
             t.start()
         time.sleep(2)
+        group = server.process.pid  # the server leads its process group (its backend stubs are in it)
         server.process.kill()  # mid-run, no warning
         killed_at = time.monotonic()
         for t in loads:
             t.join()
     finally:
         server.stop()
+    deadline = time.monotonic() + 10  # SIGKILLed stubs take a moment to be reaped
+    while (stubs := subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stubs == [], f"Triton's backend stubs outlived the killed server: {stubs}"  # no orphans
     assert time.monotonic() - killed_at > 1  # the load did go on after the kill
     plain_calls, fallback_calls = results["plain"], results["fallback"]
     assert_answered_cleanly(plain_calls, {200, 503})
