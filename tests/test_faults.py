@@ -18,9 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-
-def infer_body(x: np.ndarray) -> dict:
-    return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+from tests.test_gateway import infer_body, read_status
 
 
 def live_children() -> set[int]:
@@ -205,16 +203,6 @@ def stalled_upload(host_port: str) -> socket.socket:
     return sock
 
 
-def status_of(sock: socket.socket) -> int:
-    data = b""
-    while b"\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else 0
-
-
 def sequential(client: httpx.Client, url: str, bodies: list[dict]) -> tuple[list[bool], np.ndarray]:
     """Admission of each request and the latencies (ms), one request at a time."""
     admitted, latency_ms = [], []
@@ -245,7 +233,7 @@ def test_fifty_slow_loris_uploads_change_nothing_for_other_clients(start_gateway
             state = client.get(f"{gateway.url}/v2/controller").json()
             loris_admitted, loris_ms = sequential(client, url, bodies)
             measured_within_s = time.monotonic() - opened
-            statuses = [status_of(sock) for sock in stalled]
+            statuses = [read_status(sock) for sock in stalled]
             timed_out_after_s = time.monotonic() - opened
         finally:
             for sock in stalled:
