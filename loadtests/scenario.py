@@ -536,7 +536,7 @@ class _InferUser(FastHttpUser):
                   "offset_s": t_ref - zero, "phase": self.shape.phase_at(t_ref - zero), "source": self.source,
                   "status": 0, "outcome": "cut_off", "reason": "not yet on the wire when the run ended",
                   "admitted": False, "action": None, "correct": False, "predicted": None, "tau": None, "u": None, "threshold": None,
-                  "latency_ms": None, "service_ms": None, "late": False}
+                  "stage": None, "exit": None, **dict.fromkeys(SLO_FIELDS), "latency_ms": None, "service_ms": None, "late": False}
         key = id(record)
         RUN.pending[key] = record
         me = id(gevent.getcurrent())
@@ -563,7 +563,9 @@ class _InferUser(FastHttpUser):
                 action=parameters.get("action", "full") if outcome == "answered" else
                 parameters.get("action", "reject") if outcome == "rejected" else None,
                 correct=outcome == "answered" and predicted == record["label"], predicted=predicted,
-                tau=parameters.get("tau"), u=parameters.get("u"), threshold=parameters.get("threshold"))
+                tau=parameters.get("tau"), u=parameters.get("u"), threshold=parameters.get("threshold"),
+                stage=parameters.get("stage"), exit=parameters.get("exit"),
+                **{name: parameters.get(name) for name in SLO_FIELDS})
         except BaseException as exc:  # killed at the end of the run (GreenletExit), or interrupted
             sent_s = _WIRE_S.pop(me, None)
             if sent_s is not None:
@@ -573,6 +575,10 @@ class _InferUser(FastHttpUser):
             _WIRE_S.pop(me, None)
             if RUN.pending.pop(key, None) is not None:  # not already recorded as cut off
                 _emit(record)
+
+
+# The budget policy's SLO loop state as the gateway answered (absent without an SLO).
+SLO_FIELDS = ("slo_p95_ms", "slo_seen_p95_ms", "slo_threshold", "shed_probability")
 
 
 def _parse(content: bytes | None) -> dict:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from reports import plots
+from reports import plots, slo_plot
 from reports.runs import Run
 from reports.verdict import HELD, NOT_HELD
 
@@ -21,6 +21,7 @@ PLOT_TITLES = {
     "power": "Power over time",
     "admission_accuracy": "Admission–accuracy curve, oracle bound and the paper's point",
     "throughput_energy": "Throughput vs energy per request",
+    "slo_over_time": "Budget policy over time: p95 against the SLO, shed rate, exit threshold under the certified ceiling",
 }
 
 
@@ -41,6 +42,7 @@ def make_plots(runs: list[Run], summary: dict) -> dict[str, bytes]:
         "power": plots.power_over_time(runs),
         "admission_accuracy": plots.admission_accuracy(plots.reference_tradeoff(reference, measure), measured),
         "throughput_energy": plots.throughput_energy(figures),
+        "slo_over_time": slo_plot.slo_over_time(runs),
     }
     return {name: png for name, png in made.items() if png is not None}
 

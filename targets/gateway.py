@@ -149,9 +149,25 @@ class _Metrics:
                           registry=self.registry).set_function(lambda: loop.shed_probability)
 
 
-def _decision_parameters(outcomes: list[Outcome]) -> dict:
+def _slo_parameters(controller) -> dict:
+    """The SLO loop's state when the request was answered: its target, the recent p95 it acted on,
+    its exit threshold and shed probability (empty without a budget policy with an SLO)."""
+    budget = getattr(controller, "budget", None)
+    loop = getattr(budget, "loop", None)
+    if loop is None:
+        return {}
+    return {"slo_p95_ms": loop.slo_p95_ms, "slo_seen_p95_ms": loop.last_p95_ms,
+            "slo_threshold": loop.threshold, "shed_probability": loop.shed_probability}
+
+
+def _decision_parameters(outcomes: list[Outcome], slo: dict | None = None) -> dict:
     """KServe parameters are scalars: one row gives scalars, n rows comma-joined strings.
-    ``stage`` is where each row left the ladder (1-based; ``stages`` when it ran the full model)."""
+    ``stage`` is where each row left the ladder (1-based; ``stages`` when it ran the full model);
+    ``slo`` (see :func:`_slo_parameters`) is added as it is."""
+    return {**_row_parameters(outcomes), **(slo or {})}
+
+
+def _row_parameters(outcomes: list[Outcome]) -> dict:
     decisions = [o.decision for o in outcomes]
     if decisions[0] is None:
         return {"admitted": True, "action": "full", "controller": "off"}
@@ -311,7 +327,8 @@ def create_app(
             return outcomes, None, None, None
         probabilities = np.stack([o.probabilities for o in outcomes])
         content, headers = encode_infer_response(spec.name, decoded.request_id, probabilities,
-                                                 _decision_parameters(outcomes), decoded.binary_output)
+                                                 _decision_parameters(outcomes, _slo_parameters(target.controller)),
+                                                 decoded.binary_output)
         media = "application/octet-stream" if decoded.binary_output else "application/json"
         return outcomes, content, media, headers
 
@@ -377,11 +394,12 @@ def create_app(
             if content is None and outcomes[0].action == ACTION_SHED:
                 outcome_label = "shed"
                 return _error(503, "request shed: the latency SLO is not met within the accuracy budget: "
-                                   "retry later", headers=retry, parameters=_decision_parameters(outcomes))
+                                   "retry later", headers=retry,
+                              parameters=_decision_parameters(outcomes, _slo_parameters(target.controller)))
             if content is None:
                 outcome_label = "rejected"
                 return _error(503, "request not admitted by the controller: retry later", headers=retry,
-                              parameters=_decision_parameters(outcomes))
+                              parameters=_decision_parameters(outcomes, _slo_parameters(target.controller)))
             outcome_label = "ok"
             answered[0] += 1
             return Response(content, media_type=media, headers=headers)

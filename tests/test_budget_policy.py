@@ -72,12 +72,15 @@ def test_gateway_sheds_explicitly_when_the_slo_cannot_be_met(start_gateway, digi
     gateway = start_gateway("--controller", "bio", "--policy", "budget", "--accuracy-budget-pp", "2",
                             "--slo-p95-ms", "0.001", "--energy", "off")
     x = digits_eval[0]
-    statuses, actions = [], []
+    statuses, actions, slo_states = [], [], []
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
         for i in range(400):
             response = client.post("/v2/models/digits/infer", json=infer_body(x[i % len(x) : i % len(x) + 1]))
             statuses.append(response.status_code)
-            actions.append(response.json()["parameters"]["action"])
+            parameters = response.json()["parameters"]
+            actions.append(parameters["action"])
+            slo_states.append({k: parameters.get(k) for k in ("slo_p95_ms", "slo_seen_p95_ms", "slo_threshold",
+                                                              "shed_probability")})
             if response.status_code == 503:
                 assert response.headers["Retry-After"] and "shed" in response.json()["error"]
         state = client.get("/v2/controller").json()
@@ -87,6 +90,9 @@ def test_gateway_sheds_explicitly_when_the_slo_cannot_be_met(start_gateway, digi
     assert state["policy"] == "budget" and state["shed"] == shed
     assert state["budget"]["slo"]["threshold"] == state["budget"]["ceiling"]  # nothing more may be skipped
     assert state["budget"]["slo"]["shed_probability"] > 0
+    # The loop's state travels with every answer, shed or not, so every Locust record carries it.
+    assert all(s["slo_p95_ms"] == 0.001 and s["slo_threshold"] is not None for s in slo_states)
+    assert any(s["shed_probability"] > 0 for s in slo_states) and slo_states[-1]["slo_seen_p95_ms"] > 0.001
     assert f"green_mlops_shed_total {float(shed)}" in metrics
     assert 'outcome="shed"' in metrics and "green_mlops_slo_p95_target_seconds 1e-06" in metrics
 

@@ -71,3 +71,30 @@ def test_a_single_paper_run_adds_no_policy_table():
     standard = run("standard", "standard", records(rng, action_of=lambda s: "full", latency_ms=10.0, wrong_rows=set()))
     bio = run("bio", "bio", records(rng, action_of=lambda s: "exit", latency_ms=2.0, wrong_rows=set()), {"policy": "paper"})
     assert "policies" not in build_summary([standard, bio])
+
+
+def test_slo_series_over_time_recover_the_planted_shedding_and_p95():
+    """Planted: 100 requests a second for 10 s; from second 5 every 4th is shed and answered latency
+    is 8 ms (2 ms before); the loop's state is stamped on every record. Recovered per second."""
+    from reports.slo_plot import per_second, slo_over_time
+
+    rng = np.random.default_rng(2)
+    recs = records(rng, action_of=lambda s: "shed" if s >= 500 and s % 4 == 0 else "exit", latency_ms=2.0,
+                   wrong_rows=set())
+    for r in recs:
+        late = r["seq"] >= 500
+        if r["latency_ms"] is not None:
+            r["latency_ms"] = 8.0 if late else 2.0
+        r.update(slo_p95_ms=5.0, slo_seen_p95_ms=8.0 if late else 2.0, slo_threshold=0.2,
+                 shed_probability=0.25 if late else 0.0, threshold=0.2)
+    bio = run("bio", "bio", recs, budget_state(slo_p95_ms=5.0) | {"budget": {**budget_state(5.0)["budget"], "ceiling": 0.2}})
+    series = per_second(bio)
+    assert list(series["second"]) == list(range(10))
+    assert series["p95_ms"][:5] == pytest.approx([2.0] * 5) and series["p95_ms"][5:] == pytest.approx([8.0] * 5)
+    assert series["shed_rate"][:5] == pytest.approx([0.0] * 5) and series["shed_rate"][5:] == pytest.approx([0.25] * 5)
+    assert series["shed_probability"][5:] == pytest.approx([0.25] * 5)
+    assert series["threshold"] == pytest.approx([0.2] * 10)
+    png = slo_over_time([bio])
+    assert png is not None and png.startswith(b"\x89PNG")
+    paper = run("bio", "bio", records(rng, action_of=lambda s: "exit", latency_ms=2.0, wrong_rows=set()), {"policy": "paper"})
+    assert slo_over_time([paper]) is None  # nothing to show without the budget policy
