@@ -13,6 +13,7 @@ PAPER_ACCURACY_LOSS_PP = 0.5
 PAPER_ADMISSION_RATE = 0.58
 # Claims compare with this tolerance: a loss of 0.5000000000000004 pp is 0.5 pp, not a miss.
 CLAIM_TOLERANCE = 1e-9
+NO_ANSWER_ACTIONS = ("reject", "shed")  # the controller refused: no answer, no model time
 
 
 def energy_figures(run) -> dict:
@@ -62,8 +63,14 @@ def summarise(result, provider: str, model: str, config: dict) -> dict:
     clusters = result.request_index
     loss = accuracy_loss_pp(std_correct, bio_correct)
     loss_ci = list(paired_bootstrap_ci(std_correct, bio_correct, accuracy_loss_pp, clusters=clusters))
-    reduction = mean_reduction_pct(std_latency, bio_latency)
-    reduction_ci = list(paired_bootstrap_ci(std_latency, bio_latency, mean_reduction_pct))
+    # Latency over the requests bio answered, paired with standard's answer to the same request, as
+    # under load: a rejected or shed request costs no model time, and counting its near-zero latency
+    # would turn refusing work into a "saving". Refusals are scored as wrong in the accuracy loss.
+    answered = np.array([a not in NO_ANSWER_ACTIONS for a in result.bio.actions], dtype=bool)
+    if not answered.any():
+        answered = np.ones(len(bio_latency), dtype=bool)  # nothing answered: the figures say so via n
+    reduction = mean_reduction_pct(std_latency[answered], bio_latency[answered])
+    reduction_ci = list(paired_bootstrap_ci(std_latency[answered], bio_latency[answered], mean_reduction_pct))
     actions = {a: int(n) for a, n in zip(*np.unique(result.bio.actions, return_counts=True))}
     std_energy, bio_energy = energy_figures(result.standard), energy_figures(result.bio)
     energy_reduction = None
@@ -80,8 +87,8 @@ def summarise(result, provider: str, model: str, config: dict) -> dict:
         "oracle_skip_rate": float(np.mean(result.oracle_agree)),
         "energy_reduction_pct": energy_reduction,
         "standard": {**mode_figures(std_latency, std_correct, result.standard.wall_s), **std_energy},
-        "bio": {**mode_figures(bio_latency, bio_correct, result.bio.wall_s, result.bio.admitted),
-                **bio_energy, "actions": actions,
+        "bio": {**mode_figures(bio_latency[answered], bio_correct, result.bio.wall_s, result.bio.admitted),
+                **bio_energy, "actions": actions, "answered": int(answered.sum()),
                 "tau_final": result.bio.tau[-1] if result.bio.tau else None},
         "claims": claims(reduction, loss, loss_ci),
         "warmup": {"standard_requests": result.warmup_standard, "bio_requests": result.warmup_bio,

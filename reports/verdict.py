@@ -491,6 +491,20 @@ def ablation_claims(ablation: dict | None) -> list[dict]:
              "status": HELD if c.get("passed") else NOT_HELD} for c in ablation.get("claims", [])]
 
 
+def _promise_text(row: dict) -> str:
+    """A budget-policy run's own promises: the accuracy it spent against its budget, and its p95
+    against its SLO with the share shed (e.g. ``bio (budget): budget held (spent 0.00 <= 0.5 pp),
+    SLO not held (p95 6.4 > 1 ms, 81.7 % shed)``)."""
+    spent = row["accuracy_spent_pp"]
+    words = [f"budget {'held' if row['held_budget'] else 'not held'} (spent {spent:.2f} "
+             f"{'<=' if row['held_budget'] else '>'} {row['budget_pp']:g} pp)"]
+    if row.get("held_slo") is not None:
+        shed = "" if not row.get("shed_rate") else f", {100 * row['shed_rate']:.1f} % shed"
+        words.append(f"SLO {'held' if row['held_slo'] else 'not held'} (p95 {row['p95_ms']:.1f} "
+                     f"{'<=' if row['held_slo'] else '>'} {row['slo_p95_ms']:g} ms{shed})")
+    return f"{row['run']} ({row['policy']}): " + ", ".join(words)
+
+
 def verdict_line(summary: dict) -> str:
     """One line: what held, what did not, and what VALID/INVALID refers to."""
     parts = {HELD: [], NOT_HELD: [], NOT_MEASURABLE: []}
@@ -501,6 +515,7 @@ def verdict_line(summary: dict) -> str:
     text = [f"{label}: {', '.join(names)}" for label, names in
             (("held", parts[HELD]), ("not held", parts[NOT_HELD]), ("not measurable", parts[NOT_MEASURABLE]))
             if names]
+    text.extend(_promise_text(row) for row in summary.get("policies", []) if row.get("held_budget") is not None)
     if summary["valid"]:
         validity_text = ("load test VALID (VALID refers to the load test's measurement: same conditions, "
                          "the offered load achieved, failures <= 0.1 %, sends on time)")

@@ -9,7 +9,7 @@ import pytest
 
 from reports.render import POLICY_HEADER, _md_table, _policy_rows
 from reports.runs import Run
-from reports.verdict import build_summary
+from reports.verdict import build_summary, verdict_line
 
 N_ROWS = 200
 
@@ -62,6 +62,9 @@ def test_each_policy_is_compared_with_standard_and_judged_against_its_own_promis
     assert row["accuracy_spent_pp"] == pytest.approx(0.5, abs=0.3) and row["held_budget"] is (row["accuracy_spent_pp"] <= 0.5)
     assert row["accuracy_loss_pp"] > 15  # shed requests scored as wrong in the claim, not in what was spent
     assert row["p95_ms"] == pytest.approx(3.0) and row["held_slo"] is False
+    line = verdict_line(summary)
+    assert "bio (budget): budget held" in line or "bio (budget): budget not held" in line
+    assert "SLO not held (p95 3.0 > 2 ms, 20.0 % shed)" in line and "bio-paper (paper)" not in line
     table = _md_table(POLICY_HEADER, _policy_rows(summary))
     assert "| bio-paper | paper |" in table and "| bio | budget |" in table and "(NO)" in table
 
