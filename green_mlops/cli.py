@@ -15,21 +15,11 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rich.console import Console
 from rich.text import Text
 
+from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, controller_config,
+                                   make_results_dir, open_energy, stderr, stdout, tau_inf_is_explicit)
 from targets.errors import GreenMLOpsError
-
-EXIT_OK = 0
-EXIT_GATE = 1
-EXIT_USAGE = 2
-EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130
-
-# Markup off: user text such as "green-mlops[cpu]", "[controller]" or "[n, 1, 8, 8]" prints as is.
-stderr = Console(stderr=True, markup=False, highlight=False)
-stdout = Console(markup=False, highlight=False)
-
 
 def error_line(message: str) -> None:
     """One line on stderr: ``error: message``, the prefix in red, the message verbatim."""
@@ -104,53 +94,6 @@ def _add_energy_flags(parser: argparse.ArgumentParser) -> None:
                        help="auto: every source that reads here (NVML, RAPL, CodeCarbon); off: none")
     group.add_argument("--country", default="USA", help="ISO 3166 alpha-3 code for CodeCarbon's CO2 intensity")
     group.add_argument("--region", help="region within the country, for CodeCarbon")
-
-
-def open_energy(args, results: Path | None):
-    """The profiler the flags ask for (None with --energy off); left-out sources are reported."""
-    if args.energy == "off":
-        return None
-    from profilers.profiler import open_profiler
-
-    profiler = open_profiler(country_iso_code=args.country, region=args.region,
-                             record_path=None if results is None else results / "windows.jsonl")
-    for name, reason in profiler.unavailable.items():
-        stderr.print(f"energy source {name} left out: {reason}", soft_wrap=True)
-    if not profiler.sources:
-        stderr.print("no energy source reads here: energy is not reported")
-    return profiler
-
-
-def make_results_dir(path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GreenMLOpsError(f"cannot create results directory {path}: {exc}") from exc
-    return path
-
-
-CONTROLLER_FLAGS = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "uncertainty",
-                    "skip_action", "capacity", "slo_ms", "policy", "accuracy_budget_pp", "risk", "slo_p95_ms",
-                    "overload_action")
-
-
-def controller_config(args, spec, backend=None):
-    """The controller's config: its thresholds calibrated per exit and per uncertainty measure on
-    the model's validation split unless model.json or the user gives them (targets.calibration)."""
-    from targets.calibration import calibrator
-    from targets.controller_config import build_config
-
-    overrides = {name: getattr(args, name) for name in CONTROLLER_FLAGS}
-    return build_config(spec.controller_hints, args.config, overrides, calibration=calibrator(spec, backend))
-
-
-def tau_inf_is_explicit(args) -> bool:
-    """Whether the user set τ∞ (flag or the TOML file), rather than the model's calibration."""
-    from targets.controller_config import read_toml
-
-    return args.tau_inf is not None or (args.config is not None and "tau_inf" in read_toml(args.config))
 
 
 def _positive_int(text: str) -> int:
@@ -360,7 +303,7 @@ def _run_serve(args) -> int:
         if profiler is not None:
             profiler.close()
     print("green-mlops gateway: stopped", flush=True)
-    return 0
+    return EXIT_OK
 
 
 def _run_report(args) -> int:
@@ -385,7 +328,7 @@ def _run_report(args) -> int:
     if args.gate and failures:
         stderr.print("gate: " + "; ".join(failures), soft_wrap=True)
         return EXIT_GATE
-    return 0
+    return EXIT_OK
 
 
 def _poll_triton_congestion(triton, controller, interval_s: float = 0.5) -> None:
@@ -409,7 +352,7 @@ def _run_triton(args) -> int:
     if args.triton_command == "install":
         venv = install_venv(args.venv, log=lambda line: stderr.print(line, soft_wrap=True))
         stdout.print(f"Triton server environment ready: {venv}", soft_wrap=True)
-        return 0
+        return EXIT_OK
     if args.triton_command == "repo":
         try:
             preferred = tuple(int(b) for b in args.preferred_batch_sizes.split(",") if b.strip())
@@ -421,7 +364,7 @@ def _run_triton(args) -> int:
         written = write_repository(resolve_model(args.model), args.out, options)
         stdout.print(f"Triton repository ({args.flavour}) written to {args.out}: "
                      f"{', '.join(p.name for p in written.values())}", soft_wrap=True)
-        return 0
+        return EXIT_OK
     if not args.repo.is_dir() or not any(args.repo.glob("*/config.pbtxt")):
         raise GreenMLOpsError(f"{args.repo} is not a Triton model repository (no <model>/config.pbtxt): "
                               "write one with 'green-mlops triton repo'")
@@ -441,7 +384,7 @@ def _run_triton(args) -> int:
     if died is not None:
         raise GreenMLOpsError(f"tritonserver exited by itself ({code}): {died}")
     print(f"tritonserver stopped ({code})", flush=True)
-    return 0
+    return EXIT_OK
 
 
 def _run_models_build(args) -> int:
@@ -461,7 +404,7 @@ def _run_models_build(args) -> int:
 
         build(out, log=log, samples=args.samples, max_length=args.max_length, epochs=args.epochs)
     stderr.print(f"models build {args.name}: {time.monotonic() - started:.0f} s")
-    return 0
+    return EXIT_OK
 
 
 def _interrupt(signum, frame):

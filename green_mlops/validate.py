@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from targets.make_controller import make_controller
-from green_mlops.cli import (EXIT_GATE, EXIT_INTERRUPTED, controller_config, make_results_dir, open_energy, stderr,
-                             tau_inf_is_explicit)
+from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERRUPTED, controller_config, make_results_dir, open_energy,
+                                   stderr, tau_inf_is_explicit)
 from green_mlops.models import resolve_model
 from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
 from loadtests.runner import LoadSpec, run_scenario
