@@ -578,7 +578,7 @@ class _InferUser(FastHttpUser):
 
 
 # The budget policy's SLO loop state as the gateway answered (absent without an SLO).
-SLO_FIELDS = ("slo_p95_ms", "slo_seen_p95_ms", "slo_threshold", "shed_probability")
+SLO_FIELDS = ("slo_p95_ms", "slo_seen_p95_ms", "slo_service_p95_ms", "slo_threshold", "shed_probability")
 
 
 def _parse(content: bytes | None) -> dict:

@@ -70,11 +70,12 @@ class BudgetPolicy:
             self.shed += shed
         return shed
 
-    def observe_p95(self, p95_ms: float | None) -> None:
-        """One control period of the SLO loop (call whenever the recent p95 is refreshed)."""
+    def observe_p95(self, p95_ms: float | None, service_p95_ms: float | None = None) -> None:
+        """One control period of the SLO loop (call whenever the recent p95 is refreshed); see
+        :meth:`SloLoop.update` for the two figures."""
         if self.loop is not None:
             with self._lock:
-                self.loop.update(p95_ms)
+                self.loop.update(p95_ms, service_p95_ms)
 
     def state(self) -> dict:
         return {"policy": "budget", "ceiling": self.ceiling, "overload_action": self.overload_action,

@@ -118,8 +118,10 @@ class BioController:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._latencies_ms: deque[float] = deque(maxlen=config.latency_window)
+        self._service_ms: deque[float] = deque(maxlen=config.latency_window)
         self._since_p95 = 0
         self._p95_ms = 0.0
+        self._service_p95_ms: float | None = None
         self._energy_j_per_request: float | None = None
         self._energy_source = "none"
         self._recent_admitted: deque[bool] = deque(maxlen=config.latency_window)
@@ -173,19 +175,23 @@ class BioController:
         with self._lock:
             self._in_flight += 1
 
-    def request_finished(self, latency_ms: float | None) -> None:
-        """One request left; its latency joins the recent window unless None (e.g. bad input)."""
+    def request_finished(self, latency_ms: float | None, service_ms: float | None = None) -> None:
+        """One request left; its latency (arrival to answer) joins the recent window unless None
+        (e.g. bad input), and its service time (the model's work alone, no queueing: the latency
+        when not given) joins the service window. The budget policy's SLO loop sees both p95s."""
         with self._lock:
             self._in_flight = max(self._in_flight - 1, 0)
             if latency_ms is None:
                 return
             self._latencies_ms.append(latency_ms)
+            self._service_ms.append(latency_ms if service_ms is None else service_ms)
             self._since_p95 += 1
             if self._since_p95 >= P95_REFRESH_EVERY:
                 self._p95_ms = float(np.percentile(self._latencies_ms, 95))
+                self._service_p95_ms = float(np.percentile(self._service_ms, 95))
                 self._since_p95 = 0
                 if self.budget is not None:
-                    self.budget.observe_p95(self._p95_ms)
+                    self.budget.observe_p95(self._p95_ms, self._service_p95_ms)
 
     # --- decisions -----------------------------------------------------------------------
     def decide(self, u: float, key: bytes | None = None, exit_index: int = 1, last_exit: bool = True) -> Decision:
@@ -277,6 +283,7 @@ class BioController:
                 "congestion": self.congestion(),
                 "in_flight": self._in_flight,
                 "p95_recent_ms": self._p95_ms,
+                "service_p95_recent_ms": self._service_p95_ms,
                 "decisions": self.decisions,
                 "admitted": self.admitted,
                 "exit_decisions": self.exit_decisions,

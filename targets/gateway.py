@@ -143,6 +143,12 @@ class _Metrics:
                           registry=self.registry).set(loop.slo_p95_ms / 1e3)
                     Gauge("green_mlops_slo_p95_seconds", "Budget policy: the recent p95 the SLO loop saw",
                           registry=self.registry).set_function(lambda: (loop.last_p95_ms or 0.0) / 1e3)
+                    Gauge("green_mlops_slo_service_p95_seconds",
+                          "Budget policy: the recent p95 of service time (model work, no queueing)",
+                          registry=self.registry).set_function(lambda: (loop.last_service_p95_ms or 0.0) / 1e3)
+                    Gauge("green_mlops_slo_unreachable_periods",
+                          "Budget policy: SLO periods violated by service time alone (shedding cannot help)",
+                          registry=self.registry).set_function(lambda: loop.unreachable)
                     Gauge("green_mlops_exit_threshold", "Budget policy: the SLO loop's exit threshold",
                           registry=self.registry).set_function(lambda: loop.threshold)
                     Gauge("green_mlops_shed_probability", "Budget policy: the SLO loop's shed probability",
@@ -157,7 +163,8 @@ def _slo_parameters(controller) -> dict:
     if loop is None:
         return {}
     return {"slo_p95_ms": loop.slo_p95_ms, "slo_seen_p95_ms": loop.last_p95_ms,
-            "slo_threshold": loop.threshold, "shed_probability": loop.shed_probability}
+            "slo_service_p95_ms": loop.last_service_p95_ms, "slo_threshold": loop.threshold,
+            "shed_probability": loop.shed_probability}
 
 
 def _decision_parameters(outcomes: list[Outcome], slo: dict | None = None) -> dict:
@@ -318,11 +325,15 @@ def create_app(
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def answer(body: bytes, header_length: str | None):
-        """Worker-thread job: decode, check, predict, encode; (outcomes, body, media, headers)."""
+    def answer(body: bytes, header_length: str | None, service_ms: list[float]):
+        """Worker-thread job: decode, check, predict, encode; (outcomes, body, media, headers).
+        ``service_ms[0]`` is set to the model's work (predict), the service time the SLO loop
+        tells from queueing."""
         decoded = decode_infer_request(body, header_length, spec.input_name, spec.input_dtype,
                                        settings.max_batch, tokenizer)
+        predict_started_ns = time.perf_counter_ns()
         outcomes = target.predict(decoded.batch)
+        service_ms[0] = (time.perf_counter_ns() - predict_started_ns) / 1e6
         if any(o.action in (ACTION_REJECT, ACTION_SHED) for o in outcomes):
             return outcomes, None, None, None
         probabilities = np.stack([o.probabilities for o in outcomes])
@@ -376,9 +387,10 @@ def create_app(
             controller.request_started()
         action, outcome_label = "none", "client_error"
         retry = {"Retry-After": str(settings.retry_after_s)}
+        service_ms: list[float | None] = [None]
         try:
             try:
-                job = executor.submit(answer, body, request.headers.get(HEADER_LENGTH))
+                job = executor.submit(answer, body, request.headers.get(HEADER_LENGTH), service_ms)
             except QueueFull:
                 outcome_label = "overloaded"
                 return _error(503, f"gateway busy: {settings.max_queue} requests already queued or "
@@ -411,7 +423,7 @@ def create_app(
             latency_s = (time.perf_counter_ns() - started_ns) / 1e9
             served = outcome_label in ("ok", "rejected")  # bad input says nothing of the load
             if controller is not None:
-                controller.request_finished(latency_s * 1e3 if served else None)
+                controller.request_finished(latency_s * 1e3 if served else None, service_ms[0])
             metrics.requests.labels(spec.name, outcome_label, action).inc()
             if served:
                 metrics.latency.labels(spec.name, action).observe(latency_s)

@@ -20,11 +20,16 @@ def exit_rate_at(threshold: float) -> float:
     return min(1.0, threshold / 0.6)  # the fraction of rows whose uncertainty is below λ
 
 
+def simulated_service_p95_ms(exit_rate: float) -> float:
+    """The same server's p95 of service time alone (no queueing)."""
+    return (0.2 + 0.8 * (1 - exit_rate)) * 3.0
+
+
 def run(loop: SloLoop, arrival_rps: float, periods: int = 200) -> list[float]:
     p95s = []
     for _ in range(periods):
         p95 = simulated_p95_ms(arrival_rps, exit_rate_at(loop.threshold), loop.shed_probability)
-        loop.update(p95)
+        loop.update(p95, simulated_service_p95_ms(exit_rate_at(loop.threshold)))
         p95s.append(p95)
         assert loop.floor <= loop.threshold <= loop.ceiling
     return p95s
@@ -43,6 +48,25 @@ def test_sheds_explicitly_when_the_ceiling_is_not_enough():
     assert loop.at_ceiling and loop.shed_probability > 0
     assert max(p95s[-50:]) <= 4.0 * 1.5  # shedding brings p95 back near the SLO
     assert loop.state()["shed_probability"] == loop.shed_probability
+
+
+def test_does_not_shed_when_the_service_time_alone_breaks_the_slo():
+    # At the ceiling the service p95 is 1.8 ms: an SLO of 1 ms is out of reach at any load, and
+    # shedding would only throw requests away. The loop holds the ceiling and says so instead.
+    loop = SloLoop(slo_p95_ms=1.0, ceiling=0.3, floor=0.0)
+    run(loop, arrival_rps=1500)
+    assert loop.at_ceiling and loop.shed_probability == 0.0
+    assert loop.unreachable > 100 and loop.state()["unreachable"] == loop.unreachable
+    assert loop.state()["service_p95_ms"] == pytest.approx(simulated_service_p95_ms(exit_rate_at(0.3)))
+
+
+def test_stops_shedding_once_the_service_time_breaks_the_slo():
+    loop = SloLoop(slo_p95_ms=4.0, ceiling=0.3, floor=0.0)
+    run(loop, arrival_rps=1500)
+    assert loop.shed_probability > 0  # queueing: shedding helps
+    for _ in range(40):
+        loop.update(9.0, 6.0)  # the model itself got slower than the SLO: shedding cannot help
+    assert loop.shed_probability == 0.0 and loop.unreachable == 40
 
 
 def test_buys_accuracy_back_when_load_falls():
