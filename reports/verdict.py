@@ -252,6 +252,7 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
             "held_budget": None if budget_pp is None or spent is None else spent <= budget_pp + CLAIM_TOLERANCE,
             "slo_p95_ms": slo.get("slo_p95_ms"), "p95_ms": bio_p95,
             "held_slo": None if not slo.get("slo_p95_ms") or bio_p95 is None else bio_p95 <= slo["slo_p95_ms"],
+            "slo_unreachable_periods": slo.get("unreachable"), "service_p95_ms": slo.get("service_p95_ms"),
             "condition_differences": c["condition_differences"],
         })
     return rows
@@ -500,6 +501,10 @@ def _promise_text(row: dict) -> str:
              f"{'<=' if row['held_budget'] else '>'} {row['budget_pp']:g} pp)"]
     if row.get("held_slo") is not None:
         shed = "" if not row.get("shed_rate") else f", {100 * row['shed_rate']:.1f} % shed"
+        if not row["held_slo"] and row.get("slo_unreachable_periods"):
+            service = row.get("service_p95_ms")
+            shed += (", out of reach: the gateway's service time alone"
+                     + ("" if service is None else f" (p95 {service:.2f} ms)") + " broke it")
         words.append(f"SLO {'held' if row['held_slo'] else 'not held'} (p95 {row['p95_ms']:.1f} "
                      f"{'<=' if row['held_slo'] else '>'} {row['slo_p95_ms']:g} ms{shed})")
     return f"{row['run']} ({row['policy']}): " + ", ".join(words)
