@@ -252,7 +252,8 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
             "held_budget": None if budget_pp is None or spent is None else spent <= budget_pp + CLAIM_TOLERANCE,
             "slo_p95_ms": slo.get("slo_p95_ms"), "p95_ms": bio_p95,
             "held_slo": None if not slo.get("slo_p95_ms") or bio_p95 is None else bio_p95 <= slo["slo_p95_ms"],
-            "slo_unreachable_periods": slo.get("unreachable"), "service_p95_ms": slo.get("service_p95_ms"),
+            "slo_unreachable_periods": slo.get("unreachable"), "slo_violated_periods": slo.get("violations"),
+            "service_p95_ms": slo.get("service_p95_ms"),
             "condition_differences": c["condition_differences"],
         })
     return rows
@@ -503,8 +504,10 @@ def _promise_text(row: dict) -> str:
         shed = "" if not row.get("shed_rate") else f", {100 * row['shed_rate']:.1f} % shed"
         if not row["held_slo"] and row.get("slo_unreachable_periods"):
             service = row.get("service_p95_ms")
-            shed += (", out of reach: the gateway's service time alone"
-                     + ("" if service is None else f" (p95 {service:.2f} ms)") + " broke it")
+            periods = row["slo_unreachable_periods"]
+            of = f" in {periods} of {row['slo_violated_periods']} violated periods" if row.get("slo_violated_periods") else ""
+            shed += (", out of reach of shedding: the gateway's service time alone"
+                     + ("" if service is None else f" (p95 {service:.2f} ms at the end)") + f" broke it{of}")
         words.append(f"SLO {'held' if row['held_slo'] else 'not held'} (p95 {row['p95_ms']:.1f} "
                      f"{'<=' if row['held_slo'] else '>'} {row['slo_p95_ms']:g} ms{shed})")
     return f"{row['run']} ({row['policy']}): " + ", ".join(words)

@@ -73,11 +73,12 @@ def test_the_verdict_says_when_the_slo_was_out_of_reach_of_shedding():
     rng = np.random.default_rng(3)
     standard = run("standard", "standard", records(rng, action_of=lambda s: "full", latency_ms=10.0, wrong_rows=set()))
     state = budget_state(slo_p95_ms=1.0)
-    state["budget"]["slo"].update(unreachable=40, service_p95_ms=2.5)
+    state["budget"]["slo"].update(unreachable=40, violations=50, service_p95_ms=2.5)
     bio = run("bio", "bio", records(rng, action_of=lambda s: "exit", latency_ms=3.0, wrong_rows=set()), state)
     line = verdict_line(build_summary([standard, bio]))
-    assert ("bio (budget): budget held (spent 0.00 <= 0.5 pp), SLO not held (p95 3.0 > 1 ms, out of reach: "
-            "the gateway's service time alone (p95 2.50 ms) broke it)") in line
+    assert ("bio (budget): budget held (spent 0.00 <= 0.5 pp), SLO not held (p95 3.0 > 1 ms, out of reach of "
+            "shedding: the gateway's service time alone (p95 2.50 ms at the end) broke it in 40 of 50 violated "
+            "periods)") in line
 
 
 def test_a_single_paper_run_adds_no_policy_table():
