@@ -126,3 +126,20 @@ def test_the_budget_policy_spends_the_certified_budget_unless_told_otherwise(dig
     assert controller.config.tau_inf == pytest.approx(1.0 - ceiling) and controller.config.exit_tau_inf is None
     kept = make_controller(config, digits_spec, digits_backend, explicit_tau_inf=True)
     assert kept.config.tau_inf == 0.95 and kept.config.exit_tau_inf == (0.9, 0.9, 0.9)
+
+
+def test_the_slo_loop_sees_the_last_second_not_the_last_n_requests(digits_spec, digits_backend):
+    """Slow requests long gone must not keep the loop shedding: after 16 requests of 50 ms at t = 0
+    and 16 of 1 ms at t = 2 s, the p95 the loop acts on is 1 ms."""
+    now = [0.0]
+    config = build_config(digits_spec.controller_hints, overrides={"policy": "budget", "slo_p95_ms": 5.0,
+                                                                   "accuracy_budget_pp": 2.0})
+    controller = make_controller(config, digits_spec, digits_backend, clock=lambda: now[0])
+    for latency_ms in [50.0] * 16 + [1.0] * 16:
+        if latency_ms == 1.0:
+            now[0] = 2.0
+        controller.request_started()
+        controller.request_finished(latency_ms, latency_ms / 2)
+    loop = controller.budget.loop
+    assert loop.last_p95_ms == pytest.approx(1.0) and loop.last_service_p95_ms == pytest.approx(0.5)
+    assert controller.state()["p95_recent_ms"] > 1.0  # ĉ keeps its count window: 32 requests
