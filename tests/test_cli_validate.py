@@ -157,6 +157,8 @@ def test_ctrl_c_in_the_load_stage_keeps_the_ablation_and_what_was_recorded(tmp_p
     import signal
     import time
 
+    from tests.processes import signal_masks
+
     results = tmp_path / "r"
     process = subprocess.Popen([sys.executable, "-m", "green_mlops.cli", "validate", "--requests", "200",
                                 "--warmup", "20", "--k", "50", "--load-s", "30", "--energy", "off",
@@ -168,9 +170,10 @@ def test_ctrl_c_in_the_load_stage_keeps_the_ablation_and_what_was_recorded(tmp_p
         while time.monotonic() < deadline and (not records.exists() or records.stat().st_size < 20_000):
             time.sleep(0.1)
         assert records.exists(), "the load stage did not start"
+        masks = signal_masks(process.pid)
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole group
         _, stderr = process.communicate(timeout=90)
-        assert process.returncode == 130, stderr[-2000:]
+        assert process.returncode == 130, f"signal masks at the Ctrl-C: {masks}\n{stderr[-2000:]}"
         assert "Traceback" not in stderr
     finally:
         try:

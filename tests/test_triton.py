@@ -319,13 +319,20 @@ def wait_for_server_child(process, timeout_s: float = 60.0) -> int:
 @pytest.mark.parametrize("sig_name", ["SIGINT", "SIGTERM"])
 def test_interrupting_triton_up_while_it_starts_leaves_no_server(local_triton, triton_repo, sig_name):
     import signal
+    import subprocess
+
+    from tests.processes import signal_masks
 
     process = start_triton_up(triton_repo)
     server = None
     try:
         server = wait_for_server_child(process)
+        masks = signal_masks(process.pid)
         process.send_signal(getattr(signal, sig_name))  # Triton needs seconds to load three models
-        out, err = process.communicate(timeout=60)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"triton up ignored {sig_name} for 60 s; its signal masks then: {masks}") from None
         if "tritonserver ready" not in out:
             assert process.returncode == 130 and "interrupted" in err
         deadline = time.monotonic() + 30
