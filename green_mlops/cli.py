@@ -419,9 +419,6 @@ def main(argv: list[str] | None = None) -> int:
                 "models": _run_models_build}
     previous = None
     if threading.current_thread() is threading.main_thread():
-        # A signal mask is inherited across fork and exec: a parent that started us from a thread
-        # with SIGINT/SIGTERM blocked would leave Ctrl-C pending here forever. Receive them.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         # SIGTERM unwinds like Ctrl-C: every finally runs (children stopped, files closed). `serve`
         # and `triton up` replace this with their own graceful stop once they are up.
         previous = signal.signal(signal.SIGTERM, _interrupt)

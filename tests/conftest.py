@@ -1,11 +1,23 @@
 """Shared fixtures: the embedded model, its ONNX Runtime backend, a fake clock."""
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from green_mlops.models import resolve_model
 from loadtests.gateway_process import GatewayProcess
 from targets.ort_target import OnnxRuntimeTarget
+
+
+def pytest_configure(config):
+    """Ctrl-C reaches the processes the tests start as it would in a terminal. A session started as
+    a background job of a non-interactive shell inherits SIGINT (and SIGQUIT) ignored, as POSIX
+    asks; every child would inherit that too, and Python installs no KeyboardInterrupt handler
+    where SIGINT is ignored at start, so no Ctrl-C test could pass (seen: SigIgn 0x1001007 in the
+    child of a backgrounded run). Child processes start with the disposition this sets."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
