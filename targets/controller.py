@@ -125,7 +125,6 @@ class BioController:
         self._slo_samples: deque[tuple[float, float, float]] = deque()  # (finished s, latency ms, service ms)
         self._since_p95 = 0
         self._p95_ms = 0.0
-        self._service_p95_ms: float | None = None
         self._energy_j_per_request: float | None = None
         self._energy_source = "none"
         self._recent_admitted: deque[bool] = deque(maxlen=config.latency_window)
@@ -200,8 +199,8 @@ class BioController:
                 self._since_p95 = 0
                 if self._slo_samples:
                     window = np.array([(latency, service) for _, latency, service in self._slo_samples])
-                    self._service_p95_ms = float(np.percentile(window[:, 1], 95))
-                    self.budget.observe_p95(float(np.percentile(window[:, 0], 95)), self._service_p95_ms)
+                    self.budget.observe_p95(float(np.percentile(window[:, 0], 95)),
+                                            float(np.percentile(window[:, 1], 95)))
 
     # --- decisions -----------------------------------------------------------------------
     def decide(self, u: float, key: bytes | None = None, exit_index: int = 1, last_exit: bool = True) -> Decision:
@@ -293,7 +292,8 @@ class BioController:
                 "congestion": self.congestion(),
                 "in_flight": self._in_flight,
                 "p95_recent_ms": self._p95_ms,
-                "service_p95_recent_ms": self._service_p95_ms,
+                "service_p95_recent_ms": (self.budget.loop.last_service_p95_ms
+                                          if self.budget is not None and self.budget.loop is not None else None),
                 "decisions": self.decisions,
                 "admitted": self.admitted,
                 "exit_decisions": self.exit_decisions,
