@@ -12,14 +12,31 @@ Where u* comes from, in order (:func:`calibration_for`):
 A measure none of these covers is a :class:`ConfigError`; the entropy threshold never stands in
 silently for another measure.
 
-The rule (``METHOD``): exits are calibrated in ladder order on the validation rows that reach
-them (those not leaving at an earlier exit). At exit k the rows are sorted by u_k; rows leave while
-u_k < u*_k (the controller's rule at steady state with ê = ĉ = 0), and u*_k is set so that the rows
-leaving are the longest prefix before the first row whose exit answer differs from the full
-model's (so on the validation split the ladder answers exactly as the full model does; the labels
-are not needed); u* = 1 lets every row leave, 0 none.
-A later, certified rule (a Learn-then-Test budget) replaces :func:`calibrate_exits` by
-another function with the same inputs and output; nothing else changes.
+The rule (``METHOD``), on the validation rows, in two steps:
+
+1. *Start safe* (:func:`no_change_cuts`): exits are cut in ladder order on the rows that reach
+   them; at exit k the rows are sorted by u_k and u*_k lets leave the longest prefix before the
+   first row whose exit answer differs from the full model's. The ladder then answers every
+   validation row exactly as the full model does.
+2. *Save stages, spend no accuracy beyond noise* (:func:`calibrate_exits`): coordinate descent
+   on the mean number of stages run (every stage counted as one), one exit at a time with the
+   others fixed, over every cut between two validation rows, subject to
+
+       harmed − fixed + z·√(harmed + fixed) ≤ B·n
+
+   where harmed (fixed) counts validation rows the full model answers rightly (wrongly) and the
+   ladder wrongly (rightly), n the rows, B = ``LOSS_BUDGET_PP`` = 0 and z = ``STANDARD_ERRORS`` = 1:
+   the ladder's accuracy loss against the full model, plus one standard error of it, is at most
+   zero. Each step is exact (a sort and cumulative sums per exit), never raises the cost, and the
+   sweeps repeat until none lowers it.
+
+Step 1 alone is strict: an exit stops at its first disagreement, however far down the uncertainty
+order it lies. Step 2 without the standard error (z = 0) maximises over the validation noise (the
+winner's curse): on bootstrap resamples of `reviews`' 1,275 validation rows its held-out loss was
+above 0.5 pp in 62 % of draws, with z = 1 in 32 %. On `reviews`' held-out set (simulated from the
+stored outputs, stages counted as one each), step 1 leaves 37.7 % of the stages unrun at
+−0.12 pp; steps 1 and 2, 50.4 % at 0.24 pp; `validate` measures the latency. u* = 1 lets every
+row leave, 0 none; a cut never splits rows of equal u.
 """
 from __future__ import annotations
 
@@ -33,7 +50,10 @@ from targets.controller_config import UNCERTAINTIES
 from targets.errors import ConfigError
 from targets.model_dir import ModelSpec
 
-METHOD = "sequential, no change to the full model's answer on the validation rows reaching each exit"
+LOSS_BUDGET_PP = 0.0
+STANDARD_ERRORS = 1.0
+METHOD = ("per-exit cuts minimising the stages run on the validation split, its accuracy loss against the "
+          "full model plus one standard error at most 0 (coordinate descent from the cuts that change no answer)")
 
 
 @dataclass(frozen=True)
@@ -67,37 +87,101 @@ def ladder_outputs(backend, x: np.ndarray, batch: int = 256) -> LadderOutputs:
     return LadderOutputs(tuple(np.concatenate(e) for e in exits), np.concatenate(finals))
 
 
-def calibrate_exits(outputs: LadderOutputs, labels: np.ndarray, measure: str) -> tuple[float, ...]:
-    """u* per exit by ``METHOD`` (see the module docstring); ``labels`` are unused by this rule
-    (it compares with the full model), but part of the signature every rule shares."""
+def no_change_cuts(outputs: LadderOutputs, measure: str) -> tuple[float, ...]:
+    """Step 1 of ``METHOD``: per exit, in ladder order, the longest run of the rows reaching it
+    (by increasing u) before the first whose exit answer differs from the full model's."""
     full_answer = outputs.final.argmax(1)
-    reaching = np.ones(len(labels), dtype=bool)
+    reaching = np.ones(len(full_answer), dtype=bool)
     u_star = []
     for exit_probabilities in outputs.exits:
         u = uncertainty(exit_probabilities, measure)
-        exit_answer = exit_probabilities.argmax(1)
         rows = np.flatnonzero(reaching)
         order = rows[np.argsort(u[rows], kind="stable")]
-        # Rows whose answer would change if the first i rows (by u) left here: the exit disagrees
-        # with the full model. Measured on digits' held-out set, stricter rules lose less: errors
-        # added net of errors fixed cost 0.93-1.56 pp, errors added alone 0.67-0.89 pp, any
-        # disagreement 0.00 pp (180 validation rows; the labels barely constrain the tail).
-        net = np.cumsum(exit_answer[order] != full_answer[order])
-        u_sorted = u[order]
-        # A cut must not split tied u values: only the last row of each tie group is a cut.
-        cut_ok = np.append(u_sorted[1:] != u_sorted[:-1], True) if len(order) else np.array([], bool)
-        bad = np.flatnonzero(net > 0)
-        limit = bad[0] if bad.size else len(order)
-        candidates = np.flatnonzero(cut_ok[:limit])
-        if candidates.size == 0:
-            cut = 0.0  # nobody leaves here: the controller lets a row leave only when u < u*
-        else:
-            last = candidates[-1]
-            # Halfway to the next row's u, so exactly the rows up to `last` satisfy u < u*.
-            cut = float((u_sorted[last] + u_sorted[last + 1]) / 2) if last + 1 < len(order) else 1.0
-        u_star.append(cut)
-        reaching &= ~(u < cut)
+        changed = np.cumsum(exit_probabilities.argmax(1)[order] != full_answer[order])
+        bad = np.flatnonzero(changed > 0)
+        u_star.append(_cut(u[order], bad[0] if bad.size else len(order)))
+        reaching &= ~(u < u_star[-1])
     return tuple(u_star)
+
+
+def _cut(u_sorted: np.ndarray, prefix: int) -> float:
+    """The u* that lets leave the longest tie-respecting prefix of ``u_sorted`` not longer than
+    ``prefix`` rows: halfway between the prefix's last u and the next one; 0 lets none, 1 all."""
+    ends = np.flatnonzero(np.append(u_sorted[1:] != u_sorted[:-1], True)[:prefix])
+    if ends.size == 0:
+        return 0.0
+    last = ends[-1]
+    return float((u_sorted[last] + u_sorted[last + 1]) / 2) if last + 1 < len(u_sorted) else 1.0
+
+
+def _ladder_outcome(u: np.ndarray, exit_right: np.ndarray, full_right: np.ndarray, u_star, first: int):
+    """Stages run and correctness per row when every row starts at exit ``first`` (0-based) and
+    leaves at the first exit k ≥ first with u_k < u*_k, else runs the full ladder."""
+    n_exits = u.shape[1]
+    stages = np.full(len(full_right), n_exits + 1.0)
+    right = full_right.copy()
+    for k in range(n_exits - 1, first - 1, -1):
+        leaves = u[:, k] < u_star[k]
+        stages = np.where(leaves, k + 1.0, stages)
+        right = np.where(leaves, exit_right[:, k], right)
+    return stages, right
+
+
+def calibrate_exits(outputs: LadderOutputs, labels: np.ndarray, measure: str,
+                    loss_budget_pp: float = LOSS_BUDGET_PP, standard_errors: float = STANDARD_ERRORS) -> tuple[float, ...]:
+    """u* per exit by ``METHOD`` (see the module docstring): the fewest stages run on the
+    validation split such that its accuracy loss against the full model, plus ``standard_errors``
+    standard errors, is at most ``loss_budget_pp``."""
+    labels = np.asarray(labels)
+    u = np.stack([uncertainty(p, measure) for p in outputs.exits], axis=1)
+    exit_right = np.stack([p.argmax(1) == labels for p in outputs.exits], axis=1)
+    full_right = outputs.final.argmax(1) == labels
+    n_rows, n_exits = u.shape
+    allowed_rows = loss_budget_pp / 100.0 * n_rows
+    u_star = list(no_change_cuts(outputs, measure))
+    stages, right = _ladder_outcome(u, exit_right, full_right, u_star, 0)
+    best = (stages.sum(), -right.sum())
+    improved = True
+    while improved:
+        improved = False
+        for k in range(n_exits):
+            stages, right = _ladder_outcome(u, exit_right, full_right, u_star, 0)
+            reaching = np.ones(n_rows, dtype=bool)
+            for j in range(k):
+                reaching &= ~(u[:, j] < u_star[j])
+            gone = ~reaching
+            onward_stages, onward_right = _ladder_outcome(u, exit_right, full_right, u_star, k + 1)
+            rows = np.flatnonzero(reaching)
+            order = rows[np.argsort(u[rows, k], kind="stable")]
+            full_o, exit_o, onward_o = full_right[order], exit_right[order, k], onward_right[order]
+            # Totals over all rows when the first i rows of `order` leave here (i = 0 … len):
+            # rows gone earlier are fixed, the first i take exit k, the rest go on under later cuts.
+            total_stages = stages[gone].sum() + _prefix(np.full(len(order), k + 1.0)) + _suffix(onward_stages[order])
+            total_right = right[gone].sum() + _prefix(exit_o) + _suffix(onward_o)
+            harmed = (full_right & ~right)[gone].sum() + _prefix(full_o & ~exit_o) + _suffix(full_o & ~onward_o)
+            fixed = (~full_right & right)[gone].sum() + _prefix(~full_o & exit_o) + _suffix(~full_o & onward_o)
+            u_sorted = u[order, k]
+            # Prefixes a cut can make: none, each tie group's end, all (unless a row has u = 1).
+            possible = np.append(True, np.append(u_sorted[1:] != u_sorted[:-1], True))
+            possible[-1] &= not (len(order) and u_sorted[-1] >= 1.0)
+            within = harmed - fixed + standard_errors * np.sqrt(harmed + fixed) <= allowed_rows + 1e-9
+            candidates = np.flatnonzero(possible & within)
+            choice = candidates[np.lexsort((-total_right[candidates], total_stages[candidates]))[0]]
+            if (total_stages[choice], -total_right[choice]) < best:
+                best = (total_stages[choice], -total_right[choice])
+                u_star[k] = _cut(u_sorted, choice)
+                improved = True
+    return tuple(u_star)
+
+
+def _prefix(values: np.ndarray) -> np.ndarray:
+    """Sums of the first i values, i = 0 … len."""
+    return np.concatenate([[0], np.cumsum(values, dtype=float)])
+
+
+def _suffix(values: np.ndarray) -> np.ndarray:
+    """Sums of the values from i on, i = 0 … len."""
+    return np.concatenate([np.cumsum(values[::-1], dtype=float)[::-1], [0.0]])
 
 
 _CACHE: dict[tuple, LadderOutputs] = {}
