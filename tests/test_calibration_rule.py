@@ -54,6 +54,16 @@ def test_a_cheaper_later_exit_is_taken_when_an_earlier_one_must_stop():
     assert calibrate_exits(LadderOutputs((exit1, exit2), final), labels, "entropy") == (0.0, 1.0)
 
 
+def test_exits_no_row_reaches_keep_a_cut_and_the_rule_does_not_fail():
+    """Exit 1 is right on every row: all leave there, so exits 2 and 3 see no rows."""
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    exit1 = _rows(np.linspace(0.95, 0.7, 6), labels)
+    later = _rows(np.full(6, 0.6), 1 - labels)  # wrong everywhere: must not matter
+    final = _rows(np.full(6, 0.9), labels)
+    u_star = calibrate_exits(LadderOutputs((exit1, later, later), final), labels, "entropy")
+    assert u_star[0] == 1.0 and len(u_star) == 3
+
+
 def _stats(outputs, labels, u_star, measure="entropy"):
     u = np.stack([uncertainty(p, measure) for p in outputs.exits], axis=1)
     exit_right = np.stack([p.argmax(1) == labels for p in outputs.exits], axis=1)
