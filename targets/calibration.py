@@ -137,16 +137,14 @@ def calibrate_exits(outputs: LadderOutputs, labels: np.ndarray, measure: str,
     n_rows, n_exits = u.shape
     allowed_rows = loss_budget_pp / 100.0 * n_rows
     u_star = list(no_change_cuts(outputs, measure))
-    stages, right = _ladder_outcome(u, exit_right, full_right, u_star, 0)
-    best = (stages.sum(), -right.sum())
+    start_stages, start_right = _ladder_outcome(u, exit_right, full_right, u_star, 0)
+    best = (start_stages.sum(), -start_right.sum())
     improved = True
     while improved:
         improved = False
         for k in range(n_exits):
             stages, right = _ladder_outcome(u, exit_right, full_right, u_star, 0)
-            reaching = np.ones(n_rows, dtype=bool)
-            for j in range(k):
-                reaching &= ~(u[:, j] < u_star[j])
+            reaching = stages > k  # a row leaving at exit j runs j + 1 stages
             if not reaching.any():
                 continue  # every row leaves earlier: this exit's cut changes nothing
             gone = ~reaching
