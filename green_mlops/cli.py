@@ -103,6 +103,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _split_seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -214,7 +221,38 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--samples", type=_positive_int, help="reviews: cap the data (a quick, smaller build)")
     build.add_argument("--max-length", type=_positive_int, default=64, help="reviews: at most this many tokens per snippet")
     build.add_argument("--epochs", type=_positive_int, default=4, help="reviews: fine-tuning epochs")
+    build.add_argument("--split-seed", type=_split_seed, dest="split_seed",
+                       help="seed that draws the held-out, validation and training rows, apart from the training "
+                            "seed (default: the builder's SPLIT_SEED); model.json → split records it and a digest "
+                            "of the held-out rows")
+
+    crossval = commands.add_parser(
+        "crossval", help="compare calibration rules out of fold over validation ∪ held-out (no retraining)")
+    crossval.add_argument("--model", default="digits", help="embedded model name or model directory")
+    crossval.add_argument("--scheme", choices=("resplit", "kfold"), default="resplit",
+                          help="resplit: R random splits, each rule fitted on as many rows as the validation split "
+                               "and scored on the rest (default); kfold: K folds, repeated R times")
+    crossval.add_argument("--folds", type=_positive_int, default=5, help="kfold: folds per repetition, default 5")
+    crossval.add_argument("--repeats", type=_positive_int,
+                          help="resplit: splits (default 200); kfold: repetitions of the K folds (default 20)")
+    crossval.add_argument("--seed", type=_split_seed, default=0, help="seed of the splits, default 0")
+    crossval.add_argument("--costs", choices=("measured", "unit"), default="measured",
+                          help="stage costs: measured (model.json → build.stage_cost_ms if recorded, else the median "
+                               "batch-1 time of each graph with ONNX Runtime CPU) or unit (every stage costs 1)")
+    crossval.add_argument("--uncertainty", choices=("entropy", "least_confidence", "margin"), default="entropy")
+    crossval.add_argument("--loss-target-pp", type=_positive_float, default=0.5, dest="loss_target_pp",
+                          help="accuracy-loss target each split's loss is compared with, default 0.5 pp")
+    crossval.add_argument("--accuracy-budget-pp", type=_positive_float, default=0.5, dest="accuracy_budget_pp",
+                          help="the budget policy's certified budget, default 0.5 pp")
+    crossval.add_argument("--risk", type=float, default=0.1, help="the budget policy's δ, default 0.1")
+    crossval.add_argument("--json", type=Path, dest="json_path", help="write the figures as JSON here")
     return parser
+
+
+def _run_crossval(args) -> int:
+    from green_mlops.crossval import run_crossval
+
+    return run_crossval(args)
 
 
 def _run_validate(args) -> int:
@@ -398,11 +436,12 @@ def _run_models_build(args) -> int:
     if args.name == "digits":
         from green_mlops.models.build_digits import build
 
-        build(out, log=log)
+        build(out, log=log, split_seed=args.split_seed)
     else:
         from green_mlops.models.build_reviews import build
 
-        build(out, log=log, samples=args.samples, max_length=args.max_length, epochs=args.epochs)
+        build(out, log=log, samples=args.samples, max_length=args.max_length, epochs=args.epochs,
+              split_seed=args.split_seed)
     stderr.print(f"models build {args.name}: {time.monotonic() - started:.0f} s")
     return EXIT_OK
 
@@ -416,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)  # bad arguments: argparse's usage line and exit 2
     handlers = {"validate": _run_validate, "serve": _run_serve, "triton": _run_triton, "report": _run_report,
-                "models": _run_models_build}
+                "models": _run_models_build, "crossval": _run_crossval}
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C: every finally runs (children stopped, files closed). `serve`

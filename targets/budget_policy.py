@@ -21,7 +21,7 @@ import math
 import random
 import threading
 
-from targets.certify import THRESHOLD_GRID, BudgetCalibration
+from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION, THRESHOLD_GRID, BudgetCalibration
 from targets.controller_config import OVERLOAD_ACTIONS
 from targets.errors import ConfigError
 from targets.slo_loop import SloLoop
@@ -81,4 +81,5 @@ class BudgetPolicy:
         return {"policy": "budget", "ceiling": self.ceiling, "overload_action": self.overload_action,
                 "shed": self.shed, "clamped": self.clamped,
                 "certificate": self.calibration.as_dict(),
+                "certificate_rule": {"rule": CERTIFICATE_NAME, "version": CERTIFICATE_VERSION},
                 "slo": self.loop.state() if self.loop else None}

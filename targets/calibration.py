@@ -50,6 +50,13 @@ from targets.model_dir import ModelSpec
 
 LOSS_BUDGET_PP = 0.0
 STANDARD_ERRORS = 1.0
+RULE_NAME = "fewest-stages-loss-plus-1se"
+RULE_VERSION = "4"
+"""The rule :func:`calibrate_exits` implements, as validate.json records it. Versions: 1, an exit's
+fixes offset its harms; 2, they no longer do (e2668e3); 3, stop at the first disagreement with the
+full model, :func:`no_change_cuts` (694b5e0); 4, step 2 above (05c6fd7), frozen at 7ecec13. Any
+change to what the rule returns takes a new version."""
+NO_CHANGE_RULE_NAME, NO_CHANGE_RULE_VERSION = "no-change-cuts", "3"
 METHOD = ("per-exit cuts minimising the stages run on the validation split, its accuracy loss against the "
           "full model plus one standard error at most 0 (coordinate descent from the cuts that change no answer)")
 
@@ -224,6 +231,37 @@ def calibration_for(spec: ModelSpec, measure: str, backend=None, rule=None) -> E
     rule = rule or calibrate_exits
     method = METHOD if rule is calibrate_exits else (rule.__doc__ or rule.__name__).strip().splitlines()[0]
     return ExitCalibration(measure, tuple(rule(outputs, y, measure)), "validation.npz", method, len(y))
+
+
+def rule_record(spec: ModelSpec, config, explicit_tau_inf: bool = False) -> dict:
+    """Which rule set the exit thresholds of ``spec`` under ``config`` (a ControllerConfig: its
+    ``policy`` and ``uncertainty``), and on which split: ``{"rule", "version", "split_seed",
+    "heldout_digest"}`` (split fields None for a model.json without ``split``). The budget policy's
+    rule is its certificate (:data:`targets.certify.CERTIFICATE_NAME`); the paper policy's is
+    :data:`RULE_NAME`, or ``"model.json"`` (version None) when the thresholds are stored there, or
+    ``"explicit tau_inf"`` when the user set τ∞ under the paper policy. Reads model.json only: nothing is computed."""
+    from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION
+
+    stored = spec.controller_hints.get("calibration") or {}
+    if config.policy == "budget":  # its certified ceiling bounds every exit, whatever τ∞ is
+        rule, version = CERTIFICATE_NAME, CERTIFICATE_VERSION
+    elif explicit_tau_inf:
+        rule, version = "explicit tau_inf", None
+    elif config.uncertainty in stored or (config.uncertainty == "entropy" and spec.n_exits == 1
+                                         and spec.controller_hints.get("uncertainty_skip_below") is not None):
+        rule, version = "model.json", None
+    else:
+        rule, version = RULE_NAME, RULE_VERSION
+    return {"rule": rule, "version": version, "split_seed": spec.split_seed, "heldout_digest": spec.heldout_digest}
+
+
+def rule_line(record: dict) -> str:
+    """:func:`rule_record` in words, for the console and the report."""
+    version = f" v{record['version']}" if record.get("version") else ""
+    split = ("split seed unknown (model.json has no 'split')" if record.get("split_seed") is None
+             else f"split seed {record['split_seed']}")
+    digest = f", held-out sha256 {record['heldout_digest'][:12]}…" if record.get("heldout_digest") else ""
+    return f"exit thresholds: rule {record['rule']}{version}; {split}{digest}"
 
 
 def calibrator(spec: ModelSpec, backend=None):

@@ -27,6 +27,12 @@ import numpy as np
 
 from targets.errors import ConfigError
 
+CERTIFICATE_NAME = "ltt-fixed-sequence-binomial"
+CERTIFICATE_VERSION = "1"
+"""The budget policy's certificate as validate.json records it: :func:`calibrate_budget` over
+:data:`THRESHOLD_GRID`, one threshold at every exit. Any change to what it returns takes a new
+version."""
+
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(Binomial(n, p) ≤ k), summed exactly in log space (n up to millions)."""

@@ -11,7 +11,12 @@ Optional: ``eval`` (``eval.npz``, held-out ``x``, ``y``: what validate measures 
 ``validation`` (``validation.npz``, the validation split: every exit threshold is calibrated on
 it), ``tokenizer`` (text models: ``file``, ``max_length``, ``pad_id``) and ``controller`` (hints:
 ``uncertainty_skip_below``, a number for a two-stage model calibrated on entropy, or
-``calibration``: per uncertainty measure, one u* per exit).
+``calibration``: per uncertainty measure, one u* per exit) and ``split`` (how the held-out set was
+drawn: ``seed``, the split seed, an integer >= 0, apart from any training seed; ``heldout_sha256``,
+:func:`heldout_digest` of the held-out rows' identities, their indices in the source data set).
+A model directory without ``split`` (older builds, user models) loads with both unknown (None).
+When ``eval.npz`` carries ``source_index`` (the held-out rows' indices in the source data set),
+it must match ``split.heldout_sha256``: a held-out set swapped after the build is refused.
 
 :func:`load_model_dir` validates the whole directory once, at load, against the graphs
 themselves (names, dtypes, shapes, hidden widths between consecutive stages, classes against
@@ -21,6 +26,7 @@ the locustfiles and ``triton repo`` all load through it. Every mistake is one
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -71,6 +77,8 @@ class ModelSpec:
     tokenizer_path: Path | None = None  # text models: tokenizer.json, run at the edge
     tokenizer_max_length: int | None = None
     tokenizer_pad_id: int = 0
+    split_seed: int | None = None  # model.json → split.seed: the seed that drew the held-out set
+    heldout_digest: str | None = None  # model.json → split.heldout_sha256 (see heldout_digest())
 
     @property
     def n_stages(self) -> int:
@@ -144,6 +152,14 @@ def _read_dataset(spec: ModelSpec, path: Path, key: str) -> tuple[np.ndarray, np
         raise ModelDirError(f"{path}: inputs 'x' have dtype {x.dtype}, which does not cast to 'input.dtype' "
                             f"{spec.input_dtype}")
     return x.astype(spec.input_dtype, copy=False), y.astype(np.int64)
+
+
+def heldout_digest(source_index) -> str:
+    """The identity of a held-out set: the sha256 (hex) of its rows' indices in the source data
+    set, sorted ascending, written in decimal and joined by ','. Order-free: the same rows give
+    the same digest however the builder ordered them."""
+    indices = np.sort(np.asarray(source_index).astype(np.int64).ravel())
+    return hashlib.sha256(",".join(str(int(i)) for i in indices).encode("ascii")).hexdigest()
 
 
 # --- reading model.json ----------------------------------------------------------------------
@@ -228,6 +244,35 @@ def _controller_hints(meta: dict, where: Path, n_exits: int) -> dict:
             if not isinstance(values, list) or len(values) != n_exits or not all(_is_unit(v) for v in values):
                 raise _fail(where, field_name, f"must list {n_exits} numbers in [0, 1] (one per exit), got {values!r}")
     return dict(hints)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _split(meta: dict, where: Path, eval_path: Path | None) -> tuple[int | None, str | None]:
+    """``(split seed, held-out digest)`` from model.json → ``split`` (both None when absent),
+    checked against ``eval.npz`` → ``source_index`` when both are there."""
+    entry = meta.get("split")
+    if entry is None:
+        return None, None
+    if not isinstance(entry, dict):
+        raise _fail(where, "split", f"must be an object with 'seed' and 'heldout_sha256', got {entry!r}")
+    seed, digest = entry.get("seed"), entry.get("heldout_sha256")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise _fail(where, "split.seed", f"must be an integer >= 0 (the split seed), got {seed!r}")
+    if digest is not None and (not isinstance(digest, str) or not _SHA256.match(digest)):
+        raise _fail(where, "split.heldout_sha256", f"must be 64 lowercase hex digits (sha256), got {digest!r}")
+    if digest is not None and eval_path is not None:
+        try:
+            with np.load(eval_path) as data:
+                source_index = data["source_index"] if "source_index" in data.files else None
+        except (OSError, ValueError, EOFError) as exc:
+            raise ModelDirError(f"{eval_path}: cannot read ('eval.file' in model.json): {exc}") from exc
+        if source_index is not None and heldout_digest(source_index) != digest:
+            raise _fail(where, "split.heldout_sha256",
+                        f"is {digest[:12]}… but the rows of {eval_path.name} ('source_index') hash to "
+                        f"{heldout_digest(source_index)[:12]}…: the held-out set is not the one the model was built with")
+    return seed, digest
 
 
 def _tokenizer(meta: dict, where: Path, directory: Path) -> tuple[Path | None, int | None, int]:
@@ -315,6 +360,8 @@ def load_model_dir(directory: str | Path, check_graphs: bool = True) -> ModelSpe
     full = _graph(meta["full"], where, "full", directory, 1, 1)
     stages, stage_keys = _stages(meta, where, directory)
     tokenizer_path, max_length, pad_id = _tokenizer(meta, where, directory)
+    eval_path = _dataset_path(meta, "eval", where, directory)
+    split_seed, digest = _split(meta, where, eval_path)
     spec = ModelSpec(
         name=name,
         directory=directory,
@@ -325,13 +372,15 @@ def load_model_dir(directory: str | Path, check_graphs: bool = True) -> ModelSpe
         outputs_are=outputs_are,
         full=full,
         stages=stages,
-        eval_path=_dataset_path(meta, "eval", where, directory),
+        eval_path=eval_path,
         validation_path=_dataset_path(meta, "validation", where, directory),
         controller_hints=_controller_hints(meta, where, len(stages) - 1),
         meta=meta,
         tokenizer_path=tokenizer_path,
         tokenizer_max_length=max_length,
         tokenizer_pad_id=pad_id,
+        split_seed=split_seed,
+        heldout_digest=digest,
     )
     if check_graphs:
         check_against_graphs(spec, ("full", *stage_keys))

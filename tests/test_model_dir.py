@@ -293,3 +293,55 @@ def test_text_batches_are_trimmed_to_their_longest_sequence(tiny):
     assert check_batch(np.ones((1, 3), np.int64), text).shape == (1, 3)
     image_like = replace(text, tokenizer_path=None)  # not a text model: never trimmed
     assert check_batch(batch, image_like).shape == (2, 5)
+
+
+# --- the sealed split: model.json → split (seed, held-out digest) ----------------------------
+def test_split_seed_and_heldout_digest_are_read_and_optional(tmp_path):
+    from targets.model_dir import heldout_digest
+
+    plain = load_model_dir(make_model_dir(tmp_path / "old", ladder=True, widths=(3, 3)))
+    assert plain.split_seed is None and plain.heldout_digest is None  # older and user model dirs load
+    directory = make_model_dir(tmp_path / "sealed", ladder=True, widths=(3, 3))
+    with np.load(directory / "eval.npz") as data:
+        x, y = data["x"], data["y"]
+    source_index = np.arange(100, 100 + len(y))[::-1]  # the builder's order does not matter
+    np.savez(directory / "eval.npz", x=x, y=y, source_index=source_index)
+    digest = heldout_digest(source_index)
+    assert digest == heldout_digest(np.sort(source_index)) != heldout_digest(source_index + 1)
+    edit_json(directory, lambda m: m.update(split={"seed": 20261202, "heldout_sha256": digest}))
+    spec = load_model_dir(directory)
+    assert (spec.split_seed, spec.heldout_digest) == (20261202, digest)
+
+
+@pytest.mark.parametrize("split, field", [
+    ({"seed": -1}, "split.seed"), ({"seed": "7"}, "split.seed"), ({"seed": True}, "split.seed"),
+    ({"heldout_sha256": "abc"}, "split.heldout_sha256"), ("seed 7", "'split'"),
+])
+def test_a_malformed_split_is_one_line_naming_the_field(tmp_path, split, field):
+    directory = edit_json(make_model_dir(tmp_path / "m", ladder=True, widths=(3, 3)),
+                          lambda m: m.update(split=split))
+    with pytest.raises(ModelDirError, match=field.replace(".", r"\.")):
+        load_model_dir(directory)
+
+
+def test_a_heldout_set_that_does_not_match_its_digest_is_refused(tmp_path):
+    """A held-out set swapped after the build (other source rows) no longer hashes to the digest."""
+    from targets.model_dir import heldout_digest
+
+    directory = make_model_dir(tmp_path / "m", ladder=True, widths=(3, 3))
+    with np.load(directory / "eval.npz") as data:
+        x, y = data["x"], data["y"]
+    np.savez(directory / "eval.npz", x=x, y=y, source_index=np.arange(len(y)) + 1)
+    edit_json(directory, lambda m: m.update(split={"seed": 1, "heldout_sha256": heldout_digest(np.arange(len(y)))}))
+    with pytest.raises(ModelDirError, match="split.heldout_sha256.*not the one the model was built with"):
+        load_model_dir(directory)
+
+
+def test_the_embedded_digits_model_records_its_split_and_its_heldout_rows_match():
+    from green_mlops.models import resolve_model
+    from targets.model_dir import heldout_digest
+
+    spec = resolve_model("digits")
+    assert isinstance(spec.split_seed, int) and spec.split_seed == spec.meta["build"]["split_seed"]
+    with np.load(spec.eval_path) as data:
+        assert heldout_digest(data["source_index"]) == spec.heldout_digest

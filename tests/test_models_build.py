@@ -64,6 +64,41 @@ def test_build_command_writes_to_out(tmp_path, monkeypatch):
     import green_mlops.models.build_digits as build_digits
 
     calls = []
-    monkeypatch.setattr(build_digits, "build", lambda out, log: calls.append(out))
+    monkeypatch.setattr(build_digits, "build", lambda out, log, split_seed: calls.append((out, split_seed)))
     assert main(["models", "build", "digits", "--out", str(tmp_path / "m")]) == 0
-    assert calls == [tmp_path / "m"]
+    assert main(["models", "build", "digits", "--out", str(tmp_path / "n"), "--split-seed", "20261202"]) == 0
+    assert calls == [(tmp_path / "m", None), (tmp_path / "n", 20261202)]
+
+
+@pytest.mark.parametrize("seed", ["-1", "x", str(2**32)])
+def test_a_bad_split_seed_exits_2(seed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "build", "digits", "--split-seed", seed])
+    assert exit_info.value.code == 2 and "--split-seed" in capsys.readouterr().err
+
+
+def test_the_split_seed_draws_the_split_and_the_digest_names_the_heldout_rows():
+    """Two split seeds hold out different images; the same seed the same ones; the training seed
+    is apart (the split does not read it)."""
+    from sklearn.datasets import load_digits
+
+    from green_mlops.models.build_digits import _split
+    from targets.model_dir import heldout_digest
+
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+    a = _split(len(labels), labels, images, 0)
+    b = _split(len(labels), labels, images, 20261202)
+    again = _split(len(labels), labels, images, 20261202)
+    assert heldout_digest(a[2]) != heldout_digest(b[2]) == heldout_digest(again[2])
+    for train, val, test, _ in (a, b):
+        assert not set(train) & set(test) and not set(val) & set(test) and not set(train) & set(val)
+
+
+def test_the_quick_build_records_its_split(quick_model):
+    from targets.model_dir import heldout_digest
+
+    spec = load_model_dir(quick_model)
+    assert spec.split_seed == spec.meta["build"]["split_seed"] == 0
+    with np.load(spec.eval_path) as data:
+        assert spec.heldout_digest == heldout_digest(data["source_index"])

@@ -1,12 +1,15 @@
 """Build the embedded default model ``digits``: a ResNet-style CNN with a ladder of early exits.
 
 Data: scikit-learn's bundled ``load_digits`` (1,797 real 8x8 handwritten digits, no download).
-Split (fixed seed, stratified): 30 % of the images (540) are held out for evaluation and never
+Split (stratified, drawn with the *split seed*, apart from the training seed): 30 % of the images (540) are held out for evaluation and never
 seen in training; the rest is split into training (60 %, 754 images) and a validation set (40 %,
 503 images) on which the controller's thresholds are calibrated: large enough for the budget
 policy to certify a 0.5 pp accuracy budget at δ = 0.1, which needs at least ln(1/δ)/0.005 ≈ 460
 rows. (A 35/45 split, 642 training images, lost 2 pp of held-out accuracy: training needs them.) Held-out images that are pixel-identical to a training or validation
-image are dropped, so no test image is seen in training even as a duplicate.
+image are dropped, so no test image is seen in training even as a duplicate. ``model.json`` →
+``split`` records the split seed and the sha256 of the held-out rows' indices in ``load_digits``
+(:func:`targets.model_dir.heldout_digest`); ``eval.npz`` and ``validation.npz`` carry those
+indices as ``source_index``.
 
 The network is four residual blocks; an exit head (2x2 average pool + linear) follows each of the
 first three, so a request can leave after one, two or three blocks (a ladder of three exits). All
@@ -28,7 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-SEED = 0
+from targets.model_dir import heldout_digest
+
+TRAIN_SEED = 0  # weights' initialisation, batch order and augmentation
+SPLIT_SEED = 0  # which images are held out, validation, training (`models build --split-seed`)
 TEST_FRACTION = 0.30
 VAL_FRACTION_OF_REST = 0.40  # about 500 rows: enough to certify a 0.5 pp budget at δ = 0.1
 EPOCHS = 40
@@ -40,15 +46,15 @@ UPSAMPLE = 2  # the CNN works at 16x16: inference, not call overhead, dominates 
 OPSET = 17
 
 
-def _split(n_samples: int, labels: np.ndarray, images: np.ndarray):
+def _split(n_samples: int, labels: np.ndarray, images: np.ndarray, split_seed: int = SPLIT_SEED):
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(n_samples)
     rest, test = train_test_split(
-        indices, test_size=TEST_FRACTION, stratify=labels, random_state=SEED
+        indices, test_size=TEST_FRACTION, stratify=labels, random_state=split_seed
     )
     train, val = train_test_split(
-        rest, test_size=VAL_FRACTION_OF_REST, stratify=labels[rest], random_state=SEED
+        rest, test_size=VAL_FRACTION_OF_REST, stratify=labels[rest], random_state=split_seed
     )
     seen = {images[i].tobytes() for i in np.concatenate([train, val])}
     duplicates = np.array([images[i].tobytes() in seen for i in test])
@@ -143,7 +149,7 @@ def _augment(torch, batch):
 
 
 def _train(torch, full, x_train, y_train, epochs, log):
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(TRAIN_SEED)
     optimiser = torch.optim.AdamW(full.parameters(), lr=3e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=3e-3, total_steps=epochs * ((len(x_train) + BATCH_SIZE - 1) // BATCH_SIZE)
@@ -182,11 +188,16 @@ def _export(torch, module, example, path: Path, input_names, output_names) -> No
     )
 
 
-def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
+def build(out_dir: Path, log=print, epochs: int = EPOCHS, split_seed: int | None = None) -> dict:
     """Train, export and describe the ``digits`` model in ``out_dir``; returns its model.json.
 
-    ``epochs`` below the default gives a quick, less accurate model (tests use it).
+    ``epochs`` below the default gives a quick, less accurate model (tests use it). ``split_seed``
+    (an integer >= 0; None: ``SPLIT_SEED``) draws the split; training always uses ``TRAIN_SEED``,
+    so two builds that differ in the split seed differ only in which rows each part holds.
     """
+    split_seed = SPLIT_SEED if split_seed is None else split_seed
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
+        raise SystemExit(f"the split seed must be an integer in [0, 2**32), got {split_seed!r}")
     try:
         import torch
         from sklearn.datasets import load_digits
@@ -197,7 +208,7 @@ def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
         ) from exc
 
     started = time.perf_counter()
-    torch.manual_seed(SEED)
+    torch.manual_seed(TRAIN_SEED)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(2)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,8 +216,8 @@ def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
     labels = digits.target.astype(np.int64)
-    train, val, test, dropped = _split(len(labels), labels, images)
-    log(f"split: {len(train)} train, {len(val)} validation, {len(test)} held out "
+    train, val, test, dropped = _split(len(labels), labels, images, split_seed)
+    log(f"split (seed {split_seed}): {len(train)} train, {len(val)} validation, {len(test)} held out "
         f"({dropped} held-out duplicates of training images dropped)")
 
     ladder, Full = _networks(torch)
@@ -261,9 +272,12 @@ def build(out_dir: Path, log=print, epochs: int = EPOCHS) -> dict:
         "stages": stage_entries,
         "eval": {"file": "eval.npz", "n": int(len(test))},
         "validation": {"file": "validation.npz", "n": int(len(val))},
+        "split": {"seed": split_seed, "heldout_sha256": heldout_digest(test),
+                  "heldout_identity": "indices into sklearn.datasets.load_digits, sorted, decimal, ','-joined"},
         "build": {
             "source": "sklearn.datasets.load_digits",
-            "seed": SEED,
+            "seed": TRAIN_SEED,
+            "split_seed": split_seed,
             "split": {"train": int(len(train)), "validation": int(len(val)),
                       "heldout": int(len(test)), "heldout_duplicates_dropped": dropped},
             "epochs": epochs,

