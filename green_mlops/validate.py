@@ -38,6 +38,7 @@ from reports.ablation import print_summary, print_sweep, summarise
 from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
 from reports.runs import ABLATION_FILE
+from targets.calibration import rule_line, rule_record
 from targets.controller_config import read_toml
 from targets.errors import ConfigError, GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
@@ -121,7 +122,9 @@ def run_validate(args) -> int:
         if profiler is not None:
             profiler.close()
     summary = summarise(result, backend.provider, spec.name, asdict(config))
+    summary["calibration_rule"] = rule_record(spec, config, tau_inf_is_explicit(args))  # rule, version, split
     print_summary(summary, console)
+    console.print(rule_line(summary["calibration_rule"]), highlight=False, markup=False, soft_wrap=True)
     if controller.budget is not None:
         summary["budget"] = controller.budget.state()
         for line in budget_lines(summary["budget"]):

@@ -14,6 +14,7 @@ from rich.table import Table
 from reports import plots, slo_plot
 from reports.runs import Run
 from reports.verdict import HELD, NOT_HELD
+from targets.calibration import rule_line
 
 PLOT_TITLES = {
     "latency_cdf": "Latency CDF, standard vs bio",
@@ -114,6 +115,7 @@ def _ablation_lines(summary: dict) -> list[str]:
         f"latency reduction {a['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f}); "
         f"accuracy loss {a['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f}, cluster bootstrap over rows); "
         f"admission rate {_pct(a['admission_rate'])}; energy reduction {energy}",
+        *([rule_line(a["calibration_rule"])] if a.get("calibration_rule") else []),
     ]
 
 

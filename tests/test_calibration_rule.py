@@ -103,3 +103,31 @@ def test_on_random_ladders_the_rule_keeps_its_constraint_and_no_single_cut_does_
             trial_cost, h, f, _ = _stats(outputs, labels, trial)
             if h - f + np.sqrt(h + f) <= 1e-9:
                 assert trial_cost >= cost
+
+
+def test_rule_record_names_the_rule_version_and_split(tmp_path):
+    """What validate.json records: the budget policy's certificate, the paper rule with its version,
+    thresholds stored in model.json, or an explicit τ∞; with the split seed and held-out digest."""
+    from types import SimpleNamespace
+
+    from targets.calibration import RULE_NAME, RULE_VERSION, rule_line, rule_record
+    from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION
+    from targets.model_dir import load_model_dir
+    from tests.model_factory import edit_json, make_model_dir
+
+    directory = make_model_dir(tmp_path / "m", ladder=True, widths=(3, 3))
+    spec = load_model_dir(directory)
+    paper, budget = SimpleNamespace(policy="paper", uncertainty="entropy"), SimpleNamespace(policy="budget",
+                                                                                            uncertainty="entropy")
+    assert rule_record(spec, paper) == {"rule": RULE_NAME, "version": RULE_VERSION, "split_seed": None,
+                                        "heldout_digest": None}
+    assert rule_record(spec, budget, explicit_tau_inf=True)["rule"] == CERTIFICATE_NAME
+    assert rule_record(spec, budget)["version"] == CERTIFICATE_VERSION
+    assert rule_record(spec, paper, explicit_tau_inf=True)["rule"] == "explicit tau_inf"
+    digest = "ab" * 32
+    edit_json(directory, lambda m: m.update(split={"seed": 9, "heldout_sha256": digest},
+                                            controller={"calibration": {"entropy": [0.2, 0.3]}}))
+    stored = rule_record(load_model_dir(directory), paper)
+    assert stored == {"rule": "model.json", "version": None, "split_seed": 9, "heldout_digest": digest}
+    assert "split seed 9" in rule_line(stored) and "abababababab" in rule_line(stored)
+    assert "split seed unknown" in rule_line(rule_record(spec, paper))
