@@ -98,7 +98,9 @@ def test_the_split_seed_draws_the_split_and_the_digest_names_the_heldout_rows():
 def test_the_quick_build_records_its_split(quick_model):
     from targets.model_dir import heldout_digest
 
+    from green_mlops.models.build_digits import SPLIT_SEED
+
     spec = load_model_dir(quick_model)
-    assert spec.split_seed == spec.meta["build"]["split_seed"] == 0
+    assert spec.split_seed == spec.meta["build"]["split_seed"] == SPLIT_SEED
     with np.load(spec.eval_path) as data:
         assert spec.heldout_digest == heldout_digest(data["source_index"])
