@@ -25,7 +25,7 @@ def quick_validate(tmp_path_factory):
 
 def test_validate_json_has_the_documented_keys(quick_validate):
     v = quick_validate
-    for key in ("latency_reduction_pct", "accuracy_loss_pp", "accuracy_loss_ci95_pp", "admission_rate",
+    for key in ("latency_reduction_pct", "accuracy_loss_pp", "accuracy_loss_bounds95_pp", "admission_rate",
                 "oracle_skip_rate", "standard", "bio", "claims", "provider"):
         assert key in v
     for mode in ("standard", "bio"):
@@ -33,10 +33,11 @@ def test_validate_json_has_the_documented_keys(quick_validate):
                                 "accuracy", "n_requests"}
         assert v[mode]["n_requests"] == 400
         assert v[mode]["p50_ms"] <= v[mode]["p95_ms"] <= v[mode]["p99_ms"]
-    lo, hi = v["accuracy_loss_ci95_pp"]
-    assert lo <= v["accuracy_loss_pp"] <= hi
+    lo, hi = v["accuracy_loss_bounds95_pp"]
+    assert lo < v["accuracy_loss_pp"] < hi  # never a zero-width interval, even with no harm seen
     assert [c["name"] for c in v["claims"]] == ["latency_reduction", "accuracy_loss"]
-    assert all(set(c) >= {"name", "target", "measured", "passed"} for c in v["claims"])
+    assert all(set(c) >= {"name", "target", "measured", "bounds95", "status"} for c in v["claims"])
+    assert all(c["status"] in ("held", "not_held", "inconclusive") for c in v["claims"])
     assert v["provider"] == "CPUExecutionProvider"
     for mode in ("standard", "bio"):
         assert set(v[mode]) >= {"energy_per_request_j", "energy_source", "co2_g_per_1k_requests"}
@@ -56,7 +57,7 @@ def test_validate_figures_are_consistent(quick_validate):
     assert v["warmup"]["tau_settled"]
 
 
-def test_gate_fails_when_a_claim_does_not_hold(tmp_path):
+def test_gate_fails_when_a_claim_is_not_held_or_undecided(tmp_path):
     out = tmp_path / "v.json"
     # The paper's policy at τ = 0 skips every request: the exit head alone loses more than 0.5 pp on digits.
     code = main(["validate", "--requests", "300", "--warmup", "20", "--tau0", "0", "--tau-inf", "0", "--policy", "paper",
@@ -64,8 +65,12 @@ def test_gate_fails_when_a_claim_does_not_hold(tmp_path):
     v = json.loads(out.read_text())
     assert v["admission_rate"] == 0.0
     accuracy_claim = next(c for c in v["claims"] if c["name"] == "accuracy_loss")
-    assert code == (0 if accuracy_claim["passed"] else 1)
-    assert not accuracy_claim["passed"]
+    # About 1.3 pp lost on ~300 rows: the bounds straddle 0.5 pp, so the claim is not decided either
+    # way, and an undecided claim fails the gate as a claim not held does.
+    assert code == 1 and accuracy_claim["status"] in ("not_held", "inconclusive")
+    assert accuracy_claim["measured"] > 0.5 and accuracy_claim["bounds95"][1] > 0.5
+    if accuracy_claim["status"] == "inconclusive":
+        assert accuracy_claim["rows_to_decide"] > accuracy_claim["n_rows"]
 
 
 def test_sweep_measures_a_curve(tmp_path, capsys):

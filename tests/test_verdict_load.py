@@ -78,7 +78,7 @@ def test_paired_loss_uses_the_full_models_answer_per_row():
                              run("bio", bio, reference(full_correct))], rules=RULES)
     c = summary["comparison"]
     assert c["accuracy_paired"] and c["accuracy_loss_pp"] == pytest.approx(4.0)
-    assert c["accuracy_loss_ci95_pp"][0] <= 4.0 <= c["accuracy_loss_ci95_pp"][1]
+    assert c["accuracy_loss_bounds95_pp"][0] <= 4.0 <= c["accuracy_loss_bounds95_pp"][1]
 
 
 def test_failures_above_a_thousandth_make_the_run_invalid_with_their_reason():
@@ -138,14 +138,21 @@ def test_a_tau_that_never_settles_is_invalid():
     assert any("never came within" in r for r in summary["invalid_reasons"])
 
 
-def test_claims_compare_with_a_tolerance():
-    assert ablation_claims(42.0, 0.5000000000000004, [0.0, 1.0])[1]["passed"]
-    assert ablation_claims(41.99999999999999, 0.5, [0.0, 1.0])[0]["passed"]
+def test_claims_are_decided_on_their_bounds_with_a_tolerance():
+    loss = {"accuracy_loss_pp": 0.2, "accuracy_loss_bounds_pp": [-0.1, 0.5000000000000004], "bound_method": "exact",
+            "n_rows": 540, "rows_harmed": 1.0, "rows_fixed": 0.0}
+    latency, accuracy = ablation_claims(45.0, [41.99999999999999, 48.0], 30, loss)
+    assert latency["status"] == accuracy["status"] == "held"
     comparison = compare(pair())
-    comparison.update(accuracy_loss_pp=0.5000000000000004, latency_reduction_pct=41.99999999999999)
+    comparison.update(accuracy_loss_pp=0.2, accuracy_loss_bounds95_pp=[-0.1, 0.5000000000000004],
+                      latency_reduction_pct=45.0, latency_reduction_bounds95_pct=[41.99999999999999, 48.0])
     assert [c["status"] for c in claims(comparison)][:2] == ["held", "held"]
-    comparison.update(accuracy_loss_pp=0.5001)
-    assert claims(comparison)[1]["status"] == "not_held"
+    # The point estimate alone decides nothing: 0.2 pp with an upper bound past 0.5 pp is inconclusive.
+    comparison.update(accuracy_loss_bounds95_pp=[-0.1, 0.5001], latency_reduction_bounds95_pct=[41.9, 48.0])
+    assert [c["status"] for c in claims(comparison)][:2] == ["inconclusive", "inconclusive"]
+    comparison.update(accuracy_loss_pp=0.7, accuracy_loss_bounds95_pp=[0.5001, 0.9],
+                      latency_reduction_pct=40.0, latency_reduction_bounds95_pct=[38.0, 41.9])
+    assert [c["status"] for c in claims(comparison)][:2] == ["not_held", "not_held"]
 
 
 def window(energy_j: float, source: str) -> dict:
