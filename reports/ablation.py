@@ -148,7 +148,7 @@ def claim_lines(summary: dict) -> list[str]:
                  f"{STATUS_WORDS[accuracy['status']]}")
     for claim in (latency, accuracy):
         if claim["status"] == INCONCLUSIVE:
-            lines[-1 if claim is accuracy else 0] += f" ({undecided_text(claim)})"
+            lines[-1 if claim is accuracy else 0] += f": {undecided_text(claim)}"
     return lines
 
 

@@ -34,6 +34,7 @@ from reports.stats import independent_bootstrap_ci, reduction_pct
 PAIRING_BLOCK_S = 1.0  # under load, the latency bound resamples whole seconds of the schedule (queues carry over)
 STATUS_WORDS = {HELD: "held", NOT_HELD: "not held", INCONCLUSIVE: "inconclusive", NOT_MEASURABLE: "not measurable"}
 MAIN_BIO_NAME = re.compile(r"bio(-r\d+)?")  # bio, bio-r2, bio-r3 …: validate's replicates (bio-<policy>: comparisons)
+REPLICATE_NAME = re.compile(r"(standard|bio)-r\d+")  # the runs of replicates 2, 3, …
 SETTLE_FRACTION = 0.01  # τ counts as settled within 1 % of (τ0 − τ∞) of τ∞, as in the ablation
 # Conditions two runs must share to be compared (run.json keys).
 SAME_CONDITIONS = ("model", "provider", "backend", "shape", "shape_params", "open_loop", "arrival_rate_rps")
@@ -304,7 +305,9 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
     if not standards:
         return []
     rows = []
-    for bio in (r for r in runs if r.scenario == "bio" and r.records):
+    # Replicate 1's bio and the bio-<policy> runs on its schedule; later replicates (bio-rK) only
+    # repeat the main policy, and their figures are in the comparison's replicates.
+    for bio in (r for r in runs if r.scenario == "bio" and r.records and not REPLICATE_NAME.fullmatch(r.name)):
         # Each bio run against the standard run that replayed its schedule (else the last one).
         standard = next((s for s in reversed(standards) if _digest(s) is not None and _digest(s) == _digest(bio)),
                         standards[-1])

@@ -91,6 +91,8 @@ def test_sweep_measures_a_curve(tmp_path, capsys):
         (["validate", "--requests", "0"], "must be >= 1"),
         (["validate", "--tau-inf", "abc"], "invalid float value"),
         (["validate", "--uncertainty", "vibes"], "invalid choice"),
+        (["validate", "--repeats", "0"], "must be >= 1"),
+        (["validate", "--repeats", "3", "--load-arrival-rate", "0"], "needs open loop"),
     ],
 )
 def test_bad_input_gives_a_message_not_a_traceback(args, message):
@@ -126,7 +128,7 @@ def test_unwritable_json_path_gives_a_message(tmp_path):
 
 def test_validate_runs_the_load_test_and_the_report(tmp_path, capsys):
     code = main(["validate", "--requests", "200", "--warmup", "20", "--k", "50", "--load-s", "4",
-                 "--load-phase-s", "1", "--load-users", "2", "--results", str(tmp_path), "--gate"])
+                 "--load-phase-s", "1", "--load-users", "2", "--repeats", "2", "--results", str(tmp_path), "--gate"])
     v = json.loads((tmp_path / "validate.json").read_text())
     load = v["load_test"]
     assert [c["name"] for c in load["claims"]] == ["latency_reduction", "accuracy_loss", "energy_reduction"]
@@ -138,11 +140,21 @@ def test_validate_runs_the_load_test_and_the_report(tmp_path, capsys):
     for name in ("report.html", "report.md", "summary.json", "controller.toml", "schedule.json",
                  "ablation/ablation.json"):
         assert (tmp_path / name).exists()
-    schedule = json.loads((tmp_path / "schedule.json").read_text())
-    for scenario in ("standard", "bio"):
-        run = json.loads((tmp_path / scenario / "run.json").read_text())
-        assert run["scenario"] == scenario and run["shape"] == "spike" and run["finished"]
-        assert run["schedule"]["digest"] == schedule["digest"]  # one schedule, replayed by both
+    # Two replicates, each its own schedule (seeds 0 and 1) replayed by both modes, bio first in the second.
+    for suffix, seed in (("", 0), ("-r2", 1)):
+        schedule = json.loads((tmp_path / f"schedule{suffix}.json").read_text())
+        assert schedule["seed"] == seed
+        for scenario in ("standard", "bio"):
+            run = json.loads((tmp_path / f"{scenario}{suffix}" / "run.json").read_text())
+            assert run["scenario"] == scenario and run["shape"] == "spike" and run["finished"]
+            assert run["schedule"]["digest"] == schedule["digest"]  # one schedule, replayed by both
+    started = {name: json.loads((tmp_path / name / "run.json").read_text())["started_at"]
+               for name in ("standard", "bio", "standard-r2", "bio-r2")}
+    assert sorted(started, key=started.get) == ["standard", "bio", "bio-r2", "standard-r2"]  # counterbalanced
+    comparison = load["comparison"]
+    assert comparison["n_replicates"] == 2 and comparison["run_to_run_included"]
+    assert [r["bio_run"] for r in comparison["replicates"]] == ["bio", "bio-r2"]
+    assert "load stage 2 replicates" in load["verdict"]
     assert "tau_inf" in (tmp_path / "controller.toml").read_text()
     # one verdict, in one place: the report covers the ablation too, and the console ends with it
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -150,6 +162,7 @@ def test_validate_runs_the_load_test_and_the_report(tmp_path, capsys):
     assert "in-process" in summary["verdict"] and "load test INVALID" in summary["verdict"]
     out = capsys.readouterr().out
     assert "verdict: " in out and "paired-bootstrap" not in out and "cluster bootstrap" in out
+    assert "one-sided 95 % bounds" in out
 
 
 def test_gate_help_names_the_invalid_report():

@@ -115,7 +115,7 @@ def test_validate_then_report_logged_to_mlflow_and_read_back(tmp_path):
     results, store = tmp_path / "results", tmp_path / "mlruns"
     done = subprocess.run(
         [sys.executable, "-m", "green_mlops.cli", "validate", "--requests", "300", "--warmup", "30",
-         "--load-s", "6", "--load-phase-s", "2", "--load-users", "2", "--results", str(results),
+         "--load-s", "6", "--load-phase-s", "2", "--load-users", "2", "--repeats", "1", "--results", str(results),
          "--mlflow", str(store)],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
