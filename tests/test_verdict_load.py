@@ -8,7 +8,7 @@ import pytest
 
 from reports.ablation import claims as ablation_claims
 from reports.runs import Run
-from reports.stats import cluster_mean_ci
+from reports.bounds import cluster_mean_bounds
 from reports.verdict import ValidityRules, build_summary, claims, compare
 
 N_ROWS = 100
@@ -202,10 +202,11 @@ def test_the_verdict_line_says_what_held_and_what_valid_means():
     assert "load test VALID (VALID refers to the load test's measurement" in line
 
 
-def test_cluster_bootstrap_covers_the_true_loss_about_95_percent_of_the_time():
+def test_cluster_bootstrap_bounds_cover_the_true_loss_about_90_percent_of_the_time_together():
     """400 seeded replications of paired data in which each row repeats 6–21 times and whether
-    bio loses a row is a property of the row (as under load): the interval must cover the true
-    loss in 93–97 % of them (a per-request bootstrap would cover far less often)."""
+    bio loses a row is a property of the row (as under load): the bootstrap's one-sided 95 % bounds
+    must together cover the true loss in 87–93 % of them (a per-request bootstrap would cover far
+    less often)."""
     rng = np.random.default_rng(12345)
     true_loss, rows, covered = 0.04, 600, 0
     for replication in range(400):
@@ -216,9 +217,10 @@ def test_cluster_bootstrap_covers_the_true_loss_about_95_percent_of_the_time():
         per_row = loses.astype(float) - wins.astype(float)
         truth = true_loss - 0.05 * 0.2  # E[loses] − E[wins]
         values = np.repeat(per_row, repeats)
-        lo, hi = cluster_mean_ci(values, np.repeat(np.arange(rows), repeats), resamples=1000, seed=replication)
+        lo, hi = cluster_mean_bounds(values, np.repeat(np.arange(rows), repeats), resamples=1000, seed=replication)
         covered += lo <= truth <= hi
-    assert 0.93 <= covered / 400 <= 0.97, covered / 400
+    # Two one-sided 95 % bounds: together a 90 % interval.
+    assert 0.87 <= covered / 400 <= 0.93, covered / 400
 
 
 def test_open_loop_stability_asks_whether_the_server_kept_up_not_whether_poisson_is_smooth():
