@@ -21,6 +21,8 @@ from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, E
                                    make_results_dir, open_energy, stderr, stdout, tau_inf_is_explicit)
 from targets.errors import GreenMLOpsError
 
+DEFAULT_REPEATS = 3  # validate's load-stage replicates: about 3 minutes here in all (see the README)
+
 def error_line(message: str) -> None:
     """One line on stderr: ``error: message``, the prefix in red, the message verbatim."""
     stderr.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
@@ -143,7 +145,12 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--load-arrival-rate", type=float, default=40.0,
                       help="open loop: Poisson arrivals per second at base load, scaled by the shape, one seeded "
                            "schedule replayed by both runs (default 40; 0: closed loop, which decides no claim)")
-    load.add_argument("--load-seed", type=int, default=0, help="seed of the open-loop schedule (times and rows)")
+    load.add_argument("--load-seed", type=int, default=0,
+                      help="seed of the first replicate's open-loop schedule (times and rows); replicate k uses seed + k − 1")
+    load.add_argument("--repeats", type=_positive_int, default=DEFAULT_REPEATS,
+                      help=f"replicates of the load stage, each a fresh schedule of the same parameters, the modes "
+                           f"in counterbalanced order (standard, bio | bio, standard | …); the latency bound is over "
+                           f"the replicates, so it carries run-to-run variation (default {DEFAULT_REPEATS})")
     load.add_argument("--compare-policies", action="store_true",
                       help="also run bio under the other policy (paper/budget) on the same schedule, "
                            "into bio-<policy>; the report sets the policies side by side")

@@ -76,6 +76,9 @@ def budget_lines(budget: dict) -> list[str]:
 
 
 def run_validate(args) -> int:
+    if args.repeats > 1 and args.load_arrival_rate <= 0 and not args.no_load:
+        raise GreenMLOpsError("--repeats > 1 needs open loop (--load-arrival-rate > 0): replicates are paired by "
+                              "their schedule, and a closed-loop run has none (add --repeats 1)")
     if args.mlflow:
         require_mlflow()  # before the run: a missing extra must not cost a whole validation
     spec = resolve_model(args.model)
@@ -146,7 +149,8 @@ def run_validate(args) -> int:
     _write_json(results / "ablation" / ABLATION_FILE, summary)
     _write_json(results / "validate.json", summary)  # the ablation survives whatever comes next
 
-    failures = [f"claim {c['name']} not held (in-process ablation)" for c in summary["claims"] if not c["passed"]]
+    failures = [f"claim {c['name']} {c['status'].replace('_', ' ')} (in-process ablation)"
+                for c in summary["claims"] if c["status"] != "held"]
     interrupted = False
     if not args.no_load:
         try:
@@ -203,13 +207,13 @@ def _calibration(spec, config, args, backend):
 
 
 def _in_process_verdict(summary: dict, interrupted: bool = False) -> str:
-    held = [c["name"] for c in summary["claims"] if c["passed"]]
-    missed = [c["name"] for c in summary["claims"] if not c["passed"]]
-    parts = [f"held: in-process {', in-process '.join(held)}" if held else "",
-             f"not held: in-process {', in-process '.join(missed)}" if missed else "",
-             "load test interrupted: nothing judged under load" if interrupted else
-             "no load test (--no-load): nothing judged under load"]
-    return "verdict: " + " · ".join(p for p in parts if p)
+    words = {"held": "held", "not_held": "not held", "inconclusive": "inconclusive"}
+    parts = [f"{word}: in-process " + ", in-process ".join(c["name"] for c in summary["claims"] if c["status"] == status)
+             for status, word in words.items() if any(c["status"] == status for c in summary["claims"])]
+    parts += ["decided on one-sided 95 % bounds",
+              "load test interrupted: nothing judged under load" if interrupted else
+              "no load test (--no-load): nothing judged under load"]
+    return "verdict: " + " · ".join(parts)
 
 
 def _load_spec(args, config_path: Path, schedule_path: Path | None) -> LoadSpec:
@@ -219,28 +223,45 @@ def _load_spec(args, config_path: Path, schedule_path: Path | None) -> LoadSpec:
                     controller_config=config_path)
 
 
-def _write_schedule(args, results: Path, n_rows: int) -> Path | None:
-    """Open loop: the one schedule both runs replay (None in closed loop)."""
+def _write_schedule(args, results: Path, n_rows: int, replicate: int = 1) -> Path | None:
+    """Open loop: the one schedule both runs of a replicate replay (None in closed loop):
+    ``schedule.json`` for the first, ``schedule-rK.json`` (seed ``--load-seed`` + K − 1) after."""
     if args.load_arrival_rate <= 0:
         return None
     try:
         shape = Shape(args.load_shape, ShapeParams(base_users=args.load_users, peak_users=2 * args.load_users,
                                                    phase_s=args.load_phase_s, run_time_s=args.load_s))
-        schedule = make_schedule(args.load_arrival_rate, shape, n_rows, args.load_seed)
+        schedule = make_schedule(args.load_arrival_rate, shape, n_rows, args.load_seed + replicate - 1)
     except (ScheduleError, ValueError) as exc:
         raise GreenMLOpsError(f"load test: {exc}") from exc
-    return schedule.save(results / SCHEDULE_FILE)
+    name = SCHEDULE_FILE if replicate == 1 else f"{Path(SCHEDULE_FILE).stem}-r{replicate}.json"
+    return schedule.save(results / name)
+
+
+def replicate_plan(repeats: int) -> list[tuple[int, str, str]]:
+    """(replicate, run name, scenario) in the order they run: counterbalanced, standard first in odd
+    replicates and bio first in even ones (standard, bio | bio, standard | …), so a drift of the
+    machine over the job lands on both modes alike. Replicate 1's runs are ``standard`` and ``bio``;
+    replicate K's ``standard-rK`` and ``bio-rK``."""
+    plan = []
+    for k in range(1, repeats + 1):
+        suffix = "" if k == 1 else f"-r{k}"
+        modes = ("standard", "bio") if k % 2 else ("bio", "standard")
+        plan += [(k, mode + suffix, mode) for mode in modes]
+    return plan
 
 
 def _load_test(args, spec, config, results: Path, console: Console, n_rows: int) -> dict:
     """Standard then bio under Locust with a congestion pattern, then the report over both."""
     config_path = results / "controller.toml"
     config_path.write_text(_toml(asdict(config)))
-    schedule_path = _write_schedule(args, results, n_rows)
+    schedules = {k: _write_schedule(args, results, n_rows, k) for k in range(1, args.repeats + 1)}
+    schedule_path = schedules[1]
     load = _load_spec(args, config_path, schedule_path)
-    loop = (f"open loop, {args.load_arrival_rate:g} req/s base, schedule {schedule_path.name}"
-            if schedule_path else "closed loop (unequal offered load: no claim is decided)")
-    runs = [("standard", "standard", load), ("bio", "bio", load)]
+    loop = (f"open loop, {args.load_arrival_rate:g} req/s base" if schedule_path else
+            "closed loop (unequal offered load: no claim is decided)")
+    runs = [(name, scenario, replace(load, schedule=schedules[k], seed=args.load_seed + k - 1))
+            for k, name, scenario in replicate_plan(args.repeats)]
     if args.compare_policies:
         # The other policy, on the same schedule, into bio-<policy>: the report sets them side by side.
         other = "paper" if config.policy == "budget" else "budget"
@@ -249,13 +270,16 @@ def _load_test(args, spec, config, results: Path, console: Console, n_rows: int)
             other_config.pop("tau_inf"), other_config.pop("exit_tau_inf")  # τ∞ from the certificate
         other_path = results / f"controller-{other}.toml"
         other_path.write_text(_toml(other_config))
-        runs.append((f"bio-{other}", "bio", replace(load, controller_config=other_path)))
-    for name, scenario, spec_ in runs:
+        # On replicate 1's schedule, right after its bio run.
+        runs.insert(2, (f"bio-{other}", "bio", replace(load, controller_config=other_path)))
+    for position, (name, scenario, spec_) in enumerate(runs, start=1):
         started = time.monotonic()
-        with console.status(f"load test: {name} · {load.shape} · {loop} · {load.run_time_s} s …"):
+        schedule = f", schedule {spec_.schedule.name}" if spec_.schedule else ""
+        with console.status(f"load test {position}/{len(runs)}: {name} · {load.shape} · {loop}{schedule} · "
+                            f"{load.run_time_s} s …"):
             run_scenario(scenario, results / name, spec_, on_line=_print_dashboard_url(console))
-        console.print(f"load test {name}: done in {time.monotonic() - started:.0f} s ({loop})",
-                      highlight=False, markup=False)
+        console.print(f"load test {position}/{len(runs)} {name}: done in {time.monotonic() - started:.0f} s "
+                      f"({loop}{schedule})", highlight=False, markup=False)
     return _report(results, console)
 
 

@@ -82,6 +82,7 @@ class AblationResult:
     oracle_stage: np.ndarray | None = None  # earliest stage whose answer is the full model's, per request
     stage_accuracy: list[float] = field(default_factory=list)  # each exit's, then the final's, on held-out rows
     stage_cost_ms: list[float] = field(default_factory=list)  # mean batch-1 cost of each stage
+    block_requests: int = BLOCK_REQUESTS  # requests per interleaved block (the latency bound's unit)
 
 
 def request_order(n_eval: int, n_requests: int | None, min_requests: int, seed: int = 0) -> np.ndarray:

@@ -75,7 +75,7 @@ RUN_HEADER = ["run", "scenario", "sent", "answered", "rejected", "failed", "cut 
               "CO2 / 1k requests"]
 PHASE_HEADER = ["run", "phase", "n", "req/s", "p50 ms", "p95 ms", "p99 ms", "admitted", "accuracy", "rejected",
                 "failed", "late"]
-CLAIM_HEADER = ["claim", "target", "measured", "95 % CI", "n (standard, bio)", "status"]
+CLAIM_HEADER = ["claim", "target", "measured", "one-sided 95 % bounds", "n (standard, bio)", "status"]
 
 
 def _phase_rows(summary: dict) -> list[list[str]]:
@@ -88,8 +88,8 @@ def _phase_rows(summary: dict) -> list[list[str]]:
 def _claim_rows(claims: list[dict]) -> list[list[str]]:
     rows = []
     for c in claims:
-        ci = "–" if c.get("ci95") is None else f"{c['ci95'][0]:.2f} … {c['ci95'][1]:.2f}"
-        rows.append([c["name"], c["target"], _num(c["measured"]), ci, str(c.get("n", "–")),
+        bounds = "–" if c.get("bounds95") is None else f"{c['bounds95'][0]:.2f} … {c['bounds95'][1]:.2f}"
+        rows.append([c["name"], c["target"], _num(c["measured"]), bounds, str(c.get("n", "–")),
                      c["status"] + (f" ({c['reason']})" if c.get("reason") else "")])
     return rows
 
@@ -103,8 +103,8 @@ def _ablation_lines(summary: dict) -> list[str]:
     a = summary.get("ablation")
     if not a:
         return []
-    lo, hi = a["latency_reduction_ci95_pct"]
-    alo, ahi = a["accuracy_loss_ci95_pp"]
+    lo, hi = a["latency_reduction_bounds95_pct"]
+    alo, ahi = a["accuracy_loss_bounds95_pp"]
     energy = ("not measured" if a.get("energy_reduction_pct") is None
               else f"{a['energy_reduction_pct']:.1f} % ({a['standard']['energy_source']}"
                    + (", an estimate: a throughput ratio, not a measurement)" if
@@ -112,8 +112,9 @@ def _ablation_lines(summary: dict) -> list[str]:
     return [
         f"In-process, paired, batch 1, closed loop: {a['standard']['n_requests']} requests per mode on "
         f"{a['model']} ({a['provider']}), the same requests in both modes.",
-        f"latency reduction {a['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f}); "
-        f"accuracy loss {a['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f}, cluster bootstrap over rows); "
+        f"latency reduction {a['latency_reduction_pct']:.1f} % (one-sided 95 % bounds {lo:.1f} … {hi:.1f}, over "
+        f"interleaved time blocks); accuracy loss {a['accuracy_loss_pp']:.2f} pp (one-sided 95 % bounds {alo:.2f} … "
+        f"{ahi:.2f}, the wider of exact Clopper–Pearson on rows harmed and fixed and a cluster bootstrap over rows); "
         f"admission rate {_pct(a['admission_rate'])}; energy reduction {energy}",
         *([rule_line(a["calibration_rule"])] if a.get("calibration_rule") else []),
     ]
@@ -134,18 +135,26 @@ def _comparison_lines(summary: dict) -> list[str]:
     lines.append(f"warm-up: {_num(c['warmup_s'], '.2f')} s ({c['warmup_rule']}); excluded from the claims "
                  f"in both runs: standard {warm['standard']}, bio {warm['bio']} requests")
     if c["latency_reduction_pct"] is not None:
-        lo, hi = c["latency_reduction_ci95_pct"]
-        lines.append(f"latency reduction {c['latency_reduction_pct']:.1f} % (95 % CI {lo:.1f} … {hi:.1f}, "
-                     f"answered requests); p95 reduction {_num(c['p95_reduction_pct'], '.1f')} %")
+        lo, hi = c["latency_reduction_bounds95_pct"]
+        lines.append(f"latency reduction {c['latency_reduction_pct']:.1f} % (one-sided 95 % bounds {lo:.1f} … {hi:.1f}, "
+                     f"{c.get('latency_bound_method')}); p95 reduction {_num(c['p95_reduction_pct'], '.1f')} %")
+    for k, r in enumerate(c.get("replicates") or [], start=1):
+        rlo, rhi = r["latency_reduction_bounds95_pct"] or (None, None)
+        lines.append(f"replicate {k} (schedule seed {r['schedule_seed']}, {r['standard_run']} vs {r['bio_run']}): "
+                     f"latency reduction {_num(r['latency_reduction_pct'], '.1f')} % ({_num(rlo, '.1f')} … "
+                     f"{_num(rhi, '.1f')} within the run), accuracy loss {_num(r['accuracy_loss_pp'])} pp")
     if c.get("accuracy_loss_pp") is not None:
-        alo, ahi = c["accuracy_loss_ci95_pp"]
+        alo, ahi = c["accuracy_loss_bounds95_pp"]
         if c.get("accuracy_paired"):
-            lines.append(f"accuracy loss {c['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f}, cluster "
+            detail = c.get("accuracy_loss_detail") or {}
+            lines.append(f"accuracy loss {c['accuracy_loss_pp']:.2f} pp (one-sided 95 % bounds {alo:.2f} … {ahi:.2f}, "
+                         f"the wider of exact Clopper–Pearson on {_num(detail.get('rows_harmed'), 'g')} rows harmed and "
+                         f"{_num(detail.get('rows_fixed'), 'g')} fixed and a cluster "
                          f"bootstrap over {c['rows_covered']} evaluation rows), paired with the full model's "
                          f"answer for each request's row; {c['rejected_scored_wrong']} rejections scored as wrong; "
                          f"standard's answers match the reference on {_pct(c.get('standard_matches_reference'))}")
         else:
-            lines.append(f"accuracy loss {c['accuracy_loss_pp']:.2f} pp (95 % CI {alo:.2f} … {ahi:.2f}), unpaired: "
+            lines.append(f"accuracy loss {c['accuracy_loss_pp']:.2f} pp (one-sided 95 % bounds {alo:.2f} … {ahi:.2f}), unpaired: "
                          "the runs carry no reference answers")
     energy = ("not measured" if c["energy_reduction_pct"] is None
               else f"{c['energy_reduction_pct']:.1f} % ({c['energy_source']}"
@@ -159,7 +168,7 @@ def _comparison_lines(summary: dict) -> list[str]:
     return lines
 
 
-POLICY_HEADER = ["run", "policy", "latency reduction %", "accuracy loss pp (95 % CI)", "accuracy spent on answers pp",
+POLICY_HEADER = ["run", "policy", "latency reduction %", "accuracy loss pp (one-sided 95 % bounds)", "accuracy spent on answers pp",
                  "budget pp (held)", "p95 ms / SLO ms (held)", "admitted", "shed"]
 
 
@@ -171,9 +180,10 @@ def _policy_rows(summary: dict) -> list[list[str]]:
     """One row per bio run under the same schedule: what each policy did and what it promised."""
     rows = []
     for row in summary.get("policies", []):
-        ci = row.get("accuracy_loss_ci95_pp")
+        ci = row.get("accuracy_loss_bounds95_pp")
         loss = _num(row["accuracy_loss_pp"]) + (f" ({_num(ci[0])} … {_num(ci[1])})" if ci else "")
-        budget = "–" if row["budget_pp"] is None else f"{row['budget_pp']:g} ({_yes_no(row['held_budget'])})"
+        budget = ("–" if row["budget_pp"] is None else
+                  f"{row['budget_pp']:g} ({(row.get('budget_status') or '–').replace('_', ' ')})")
         slo = (_num(row["p95_ms"], ".1f") if row["slo_p95_ms"] is None else
                f"{_num(row['p95_ms'], '.1f')} / {row['slo_p95_ms']:g} ({_yes_no(row['held_slo'])})")
         shed = f"{row['shed']} ({_pct(row['shed_rate'])})"
@@ -185,7 +195,8 @@ def _policy_rows(summary: dict) -> list[list[str]]:
 POLICIES_MEANING = ("Each bio run against the same standard run, under the same schedule. 'accuracy spent' is the "
                     "paired loss over answered requests only: what the controller's early exits cost; shed and "
                     "rejected requests are counted apart (and scored as wrong in the claims). A budget is held "
-                    "when the accuracy spent is within it; an SLO when bio's p95 is within it.")
+                    "when the upper one-sided 95 % bound of the accuracy spent is within it (not held when the "
+                    "lower bound is past it, else inconclusive); an SLO when bio's p95 is within it.")
 
 
 def _conditions(summary: dict) -> list[list[str]]:
@@ -318,7 +329,7 @@ def write_report(out: Path, summary: dict, pngs: dict[str, bytes]) -> list[Path]
 def _claims_table(title: str, claims: list[dict]) -> Table:
     """Claims, one row each; the reasons print below the table (they are sentences)."""
     table = Table(title=title)
-    for column in ("claim", "target", "measured", "95 % CI", "status"):
+    for column in ("claim", "target", "measured", "95 % bounds", "status"):
         table.add_column(column, no_wrap=column in ("claim", "status"))
     for row, c in zip(_claim_rows(claims), claims):
         colour = {HELD: "green", NOT_HELD: "red"}.get(c["status"], "yellow")

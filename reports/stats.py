@@ -1,4 +1,5 @@
-"""Statistics over per-request samples: latency summaries and paired bootstrap intervals."""
+"""Statistics over per-request samples: latency summaries, reductions, and the unpaired bootstrap
+(two runs whose requests do not pair). One-sided bounds and claim decisions: :mod:`reports.bounds`."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,40 +20,6 @@ def latency_summary(latency_ms: np.ndarray) -> dict:
 def reduction_pct(baseline: float, treated: float) -> float:
     """How much smaller ``treated`` is than ``baseline``, in percent of the baseline."""
     return 100.0 * (baseline - treated) / baseline
-
-
-def _resample(clusters: np.ndarray, rng: np.random.Generator, resamples: int) -> list[np.ndarray]:
-    """Index sets of a cluster bootstrap: whole clusters are drawn with replacement."""
-    unique, inverse = np.unique(clusters, return_inverse=True)
-    members = [np.flatnonzero(inverse == c) for c in range(len(unique))]
-    draws = rng.integers(0, len(unique), size=(resamples, len(unique)))
-    return [np.concatenate([members[c] for c in draw]) for draw in draws]
-
-
-def paired_bootstrap_ci(
-    baseline: np.ndarray,
-    treated: np.ndarray,
-    statistic,
-    clusters: np.ndarray | None = None,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile interval of ``statistic(baseline[idx], treated[idx])`` over paired resamples.
-
-    Pairs are resampled together. With ``clusters`` (e.g. the evaluation image each request
-    carried), whole clusters are resampled, so repeats of one input do not narrow the interval.
-    """
-    baseline, treated = np.asarray(baseline), np.asarray(treated)
-    rng = np.random.default_rng(seed)
-    if clusters is None:
-        index_sets = rng.integers(0, len(baseline), size=(resamples, len(baseline)))
-    else:
-        index_sets = _resample(np.asarray(clusters), rng, resamples)
-    values = np.array([statistic(baseline[idx], treated[idx]) for idx in index_sets])
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(values, [tail, 1.0 - tail])
-    return float(lo), float(hi)
 
 
 def accuracy_loss_pp(correct_baseline: np.ndarray, correct_treated: np.ndarray) -> float:
@@ -83,30 +50,4 @@ def independent_bootstrap_ci(
     ])
     tail = (1.0 - level) / 2.0
     lo, hi = np.quantile(values, [tail, 1.0 - tail])
-    return float(lo), float(hi)
-
-
-def cluster_mean_ci(
-    values: np.ndarray,
-    clusters: np.ndarray,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile interval of the mean of ``values`` under a cluster bootstrap: whole clusters
-    (e.g. the evaluation row each request carried) are drawn with replacement, so the repeats of
-    one input do not narrow the interval. Vectorised over per-cluster sums and counts."""
-    values, clusters = np.asarray(values, dtype=np.float64), np.asarray(clusters)
-    if values.size == 0:
-        raise ValueError("no values to resample")
-    unique, inverse = np.unique(clusters, return_inverse=True)
-    sums = np.bincount(inverse, weights=values, minlength=len(unique))
-    counts = np.bincount(inverse, minlength=len(unique)).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(unique), size=(resamples, len(unique)))
-    weights = np.zeros((resamples, len(unique)))
-    np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
-    means = (weights @ sums) / (weights @ counts)
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [tail, 1.0 - tail])
     return float(lo), float(hi)

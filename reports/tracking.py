@@ -120,12 +120,12 @@ def flatten(document: dict, prefix: str = "") -> tuple[dict[str, float], dict[st
                         tags[_key(*path, k)] = v
                     elif k in ("model", "provider", "scenario", "name"):
                         params[_key(*path, k)] = v
-                    if k == "status" and v in ("held", "not_held"):
+                    if k == "status" and v in ("held", "not_held", "inconclusive"):
                         metrics[_key(*path, "held")] = float(v == "held")
                 else:
                     walk(v, (*path, k))
         elif isinstance(value, list):
-            if len(value) == 2 and all(_number(v) is not None for v in value) and path and "ci95" in str(path[-1]):
+            if len(value) == 2 and all(_number(v) is not None for v in value) and path and "bounds95" in str(path[-1]):
                 metrics[_key(*path, "low")], metrics[_key(*path, "high")] = (_number(v) for v in value)
             elif value and all(isinstance(v, str) for v in value):
                 tags[_key(*path)] = "; ".join(value)[:5000]

@@ -18,6 +18,7 @@ Pure functions of the runs: no I/O, no plotting. The rules (see the README, "Rea
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +26,15 @@ import numpy as np
 from reports.ablation import CLAIM_TOLERANCE, PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT
 from reports.records import ANSWERED, REJECTED, outcome, phase_summary, request_figures
 from reports.runs import Run
-from reports.stats import cluster_mean_ci, independent_bootstrap_ci, reduction_pct
+from reports.bounds import (ALPHA, HELD, INCONCLUSIVE, NOT_HELD, NOT_MEASURABLE, accuracy_loss_bounds,
+                            decide_at_least, decide_at_most, n_to_decide_at_least, ratio_reduction_bounds,
+                            replicate_bounds, rows_to_decide_loss, wider)
+from reports.stats import independent_bootstrap_ci, reduction_pct
 
-HELD, NOT_HELD, NOT_MEASURABLE = "held", "not_held", "not_measurable"
+PAIRING_BLOCK_S = 1.0  # under load, the latency bound resamples whole seconds of the schedule (queues carry over)
+STATUS_WORDS = {HELD: "held", NOT_HELD: "not held", INCONCLUSIVE: "inconclusive", NOT_MEASURABLE: "not measurable"}
+MAIN_BIO_NAME = re.compile(r"bio(-r\d+)?")  # bio, bio-r2, bio-r3 …: validate's replicates (bio-<policy>: comparisons)
+REPLICATE_NAME = re.compile(r"(standard|bio)-r\d+")  # the runs of replicates 2, 3, …
 SETTLE_FRACTION = 0.01  # τ counts as settled within 1 % of (τ0 − τ∞) of τ∞, as in the ablation
 # Conditions two runs must share to be compared (run.json keys).
 SAME_CONDITIONS = ("model", "provider", "backend", "shape", "shape_params", "open_loop", "arrival_rate_rps")
@@ -170,7 +177,8 @@ def _measured(run: Run, since_s: float) -> list[dict]:
 
 
 def _paired_accuracy(bio_measured: list[dict], reference: dict) -> dict | None:
-    """Accuracy loss of bio against the full model on the same rows, cluster bootstrap by row."""
+    """Accuracy loss of bio against the full model on the same rows, with one-sided 95 % bounds:
+    the wider of exact Clopper–Pearson on the rows harmed and fixed and a cluster bootstrap by row."""
     scored = [r for r in bio_measured if outcome(r) in (ANSWERED, REJECTED)]
     if not scored:
         return None
@@ -178,10 +186,10 @@ def _paired_accuracy(bio_measured: list[dict], reference: dict) -> dict | None:
     rows = np.array([r["row"] for r in scored])
     full_correct = (full[rows] == labels[rows]).astype(float)
     bio_correct = np.array([bool(r["correct"]) for r in scored], dtype=float)
-    difference = full_correct - bio_correct
-    lo, hi = cluster_mean_ci(difference, rows)
-    return {"accuracy_loss_pp": 100 * float(difference.mean()), "accuracy_loss_ci95_pp": [100 * lo, 100 * hi],
-            "accuracy_paired": True, "full_accuracy_same_rows": float(full_correct.mean()),
+    loss = accuracy_loss_bounds(full_correct, bio_correct, rows)
+    return {"accuracy_loss_pp": loss["accuracy_loss_pp"], "accuracy_loss_bounds95_pp": loss["accuracy_loss_bounds_pp"],
+            "accuracy_loss_detail": loss, "accuracy_paired": True,
+            "full_accuracy_same_rows": float(full_correct.mean()),
             "bio_accuracy": float(bio_correct.mean()), "n_scored": len(scored),
             "rows_covered": int(len(np.unique(rows))),
             "rejected_scored_wrong": sum(outcome(r) == REJECTED for r in scored)}
@@ -196,18 +204,93 @@ def _reference_agreement(standard_measured: list[dict], reference: dict) -> floa
     return sum(r["predicted"] == full[r["row"]] for r in answered) / len(answered)
 
 
-def _main_bio(runs: list[Run]) -> Run | None:
-    """The bio run the claims rest on: the one named ``bio`` when there is one, else the last."""
-    named = [r for r in runs if r.scenario == "bio" and r.name == "bio" and r.records]
-    return named[-1] if named else _pick(runs, "bio")
+def _main_bios(runs: list[Run]) -> list[Run]:
+    """The bio runs the claims rest on: those named ``bio`` or ``bio-rN`` (validate's replicates),
+    else the last bio run; a ``bio-<policy>`` run is a policy comparison."""
+    named = [r for r in runs if r.scenario == "bio" and MAIN_BIO_NAME.fullmatch(r.name) and r.records]
+    if named:
+        return named
+    last = _pick(runs, "bio")
+    return [last] if last is not None else []
+
+
+def _digest(run: Run) -> str | None:
+    return (run.metadata.get("schedule") or {}).get("digest")
+
+
+def replicate_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
+    """Standard and main bio runs that replayed one open-loop schedule (equal digests), one pair
+    per replicate, in the order of the standard runs. Empty when no schedule pairs them."""
+    bios = _main_bios(runs)
+    pairs = []
+    for standard in (r for r in runs if r.scenario == "standard" and r.records):
+        digest = _digest(standard)
+        partners = [b for b in bios if digest is not None and _digest(b) == digest]
+        if partners:
+            pairs.append((standard, partners[-1]))
+    return pairs
 
 
 def compare(runs: list[Run]) -> dict | None:
-    """Standard vs bio (the last standard run, the main bio run); None without both."""
-    standard, bio = _pick(runs, "standard"), _main_bio(runs)
-    if standard is None or bio is None:
+    """Standard vs bio: over every replicate when the load stage was repeated (see
+    :func:`combine_replicates`), else the last standard run against the main bio run; None without both."""
+    pairs = replicate_pairs(runs)
+    if len(pairs) >= 2:
+        return combine_replicates(pairs)
+    if pairs:
+        return compare_pair(*pairs[0])
+    standard, bios = _pick(runs, "standard"), _main_bios(runs)
+    if standard is None or not bios:
         return None
-    return compare_pair(standard, bio)
+    return compare_pair(standard, bios[-1])
+
+
+def combine_replicates(pairs: list[tuple[Run, Run]]) -> dict:
+    """Standard vs bio over R replicates of the load stage (each its own schedule, both modes on
+    it): the latency reduction is the mean of the replicates' paired reductions, its bounds the
+    wider of a Student-t bound over the replicates (run-to-run variation) and the replicates'
+    own paired bounds shrunk by √R; the accuracy loss pools every replicate's bio requests, paired
+    with the full model on their rows. The other figures are the first replicate's."""
+    comparisons = [compare_pair(standard, bio) for standard, bio in pairs]
+    combined = dict(comparisons[0])
+    reductions = [c["latency_reduction_pct"] for c in comparisons]
+    combined["replicates"] = [
+        {"standard_run": c["standard_run"], "bio_run": c["bio_run"], "schedule_digest": _digest(pair[0]),
+         "schedule_seed": (pair[0].metadata.get("schedule") or {}).get("seed"),
+         "latency_reduction_pct": c["latency_reduction_pct"],
+         "latency_reduction_bounds95_pct": c["latency_reduction_bounds95_pct"],
+         "accuracy_loss_pp": c.get("accuracy_loss_pp"), "warmup_s": c["warmup_s"],
+         "n_pairs": c["n_pairs"], "condition_differences": c["condition_differences"]}
+        for c, pair in zip(comparisons, pairs)]
+    combined["n_replicates"] = len(pairs)
+    combined["run_to_run_included"] = True
+    combined["condition_differences"] = [f"replicate {k}: {d}" for k, c in enumerate(comparisons, start=1)
+                                         for d in c["condition_differences"]]
+    if combined["condition_differences"]:
+        return combined
+    if any(r is None for r in reductions):
+        combined["latency_reduction_pct"], combined["latency_reduction_bounds95_pct"] = None, None
+    else:
+        point = float(np.mean(reductions))
+        shrink = 1 / np.sqrt(len(reductions))
+        lower = point - shrink * float(np.mean([r - c["latency_reduction_bounds95_pct"][0]
+                                                for r, c in zip(reductions, comparisons)]))
+        upper = point + shrink * float(np.mean([c["latency_reduction_bounds95_pct"][1] - r
+                                                for r, c in zip(reductions, comparisons)]))
+        between = replicate_bounds(reductions)
+        combined["latency_reduction_pct"] = point
+        combined["latency_reduction_bounds95_pct"] = list(wider((lower, upper), between))
+        combined["latency_reduction_replicate_sd_pct"] = float(np.std(reductions, ddof=1))
+        combined["latency_bound_method"] = (f"Student-t over {len(reductions)} replicates (run-to-run variation), "
+                                            "or the replicates' paired block bootstraps if wider")
+    combined["n_standard"] = sum(c["n_standard"] for c in comparisons)
+    combined["n_bio"] = sum(c["n_bio"] for c in comparisons)
+    combined["n_pairs"] = sum(c["n_pairs"] for c in comparisons)
+    reference = next((b.reference or s.reference for s, b in pairs if b.reference or s.reference), None)
+    if reference is not None and all(c.get("accuracy_paired") for c in comparisons):
+        pooled = [r for (_, bio), c in zip(pairs, comparisons) for r in _measured(bio, c["warmup_s"] or 0.0)]
+        combined.update(_paired_accuracy(pooled, reference) or {})
+    return combined
 
 
 def run_policy(run: Run) -> str:
@@ -218,11 +301,16 @@ def run_policy(run: Run) -> str:
 def policy_comparisons(runs: list[Run]) -> list[dict]:
     """Every bio run against the same standard run, one row each, with whether it held its budget
     and its latency SLO: how the policies compare under the same schedule."""
-    standard = _pick(runs, "standard")
-    if standard is None:
+    standards = [r for r in runs if r.scenario == "standard" and r.records]
+    if not standards:
         return []
     rows = []
-    for bio in (r for r in runs if r.scenario == "bio" and r.records):
+    # Replicate 1's bio and the bio-<policy> runs on its schedule; later replicates (bio-rK) only
+    # repeat the main policy, and their figures are in the comparison's replicates.
+    for bio in (r for r in runs if r.scenario == "bio" and r.records and not REPLICATE_NAME.fullmatch(r.name)):
+        # Each bio run against the standard run that replayed its schedule (else the last one).
+        standard = next((s for s in reversed(standards) if _digest(s) is not None and _digest(s) == _digest(bio)),
+                        standards[-1])
         c = compare_pair(standard, bio)
         state = bio.metadata.get("controller_state_at_end") or {}
         budget = state.get("budget") or {}
@@ -241,15 +329,18 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
         shed = sum(1 for r in bio.records if r.get("action") == "shed")
         rows.append({
             "run": bio.name, "policy": run_policy(bio),
-            "latency_reduction_pct": c["latency_reduction_pct"], "latency_reduction_ci95_pct": c["latency_reduction_ci95_pct"],
-            "accuracy_loss_pp": loss, "accuracy_loss_ci95_pp": c.get("accuracy_loss_ci95_pp"),
+            "latency_reduction_pct": c["latency_reduction_pct"],
+            "latency_reduction_bounds95_pct": c["latency_reduction_bounds95_pct"],
+            "accuracy_loss_pp": loss, "accuracy_loss_bounds95_pp": c.get("accuracy_loss_bounds95_pp"),
             "admission_rate": c["admission_rate"], "rejection_rate": c["rejection_rate"],
             "shed": shed, "shed_rate": shed / len(bio.records) if bio.records else None,
             "budget_pp": budget_pp, "certified": certificate.get("certified"),
             "smallest_certifiable_budget_pp": certificate.get("smallest_certifiable_budget_pp"),
             "accuracy_spent_pp": spent,
-            "accuracy_spent_ci95_pp": None if answered is None else answered["accuracy_loss_ci95_pp"],
-            "held_budget": None if budget_pp is None or spent is None else spent <= budget_pp + CLAIM_TOLERANCE,
+            "accuracy_spent_bounds95_pp": None if answered is None else answered["accuracy_loss_bounds95_pp"],
+            # Decided on the bounds: held when the upper bound of the spent accuracy is within budget.
+            "budget_status": None if budget_pp is None or spent is None else
+            decide_at_most(answered["accuracy_loss_bounds95_pp"], budget_pp, CLAIM_TOLERANCE),
             "slo_p95_ms": slo.get("slo_p95_ms"), "p95_ms": bio_p95,
             "held_slo": None if not slo.get("slo_p95_ms") or bio_p95 is None else bio_p95 <= slo["slo_p95_ms"],
             "slo_unreachable_periods": slo.get("unreachable"), "slo_violated_periods": slo.get("violations"),
@@ -272,10 +363,19 @@ def compare_pair(standard: Run, bio: Run) -> dict:
     def mean_reduction(a, b):
         return reduction_pct(float(a.mean()), float(b.mean()))
 
+    open_loop = bool(standard.metadata.get("open_loop")) and bool(bio.metadata.get("open_loop"))
+    latency = _paired_latency(std_measured, bio_measured) if open_loop else None
+    if latency is None and std_lat.size and bio_lat.size:  # closed loop: two request sets, unpaired
+        latency = {"latency_reduction_pct": mean_reduction(std_lat, bio_lat), "n_pairs": 0,
+                   "latency_reduction_bounds95_pct": list(independent_bootstrap_ci(std_lat, bio_lat, mean_reduction,
+                                                                                 level=1 - 2 * ALPHA)),
+                   "latency_bound_method": "unpaired bootstrap (closed loop: no request pairs)"}
+    latency = latency or {"latency_reduction_pct": None, "latency_reduction_bounds95_pct": None, "n_pairs": 0,
+                          "latency_bound_method": None}
     comparison = {
         "standard_run": standard.name,
         "bio_run": bio.name,
-        "open_loop": bool(standard.metadata.get("open_loop")) and bool(bio.metadata.get("open_loop")),
+        "open_loop": open_loop,
         "condition_differences": condition_differences(standard, bio),
         "warmup_s": None if warm_s == float("inf") else warm_s,
         "warmup_rule": warm_rule,
@@ -283,9 +383,9 @@ def compare_pair(standard: Run, bio: Run) -> dict:
                             "bio": len(bio.records) - len(bio_measured)},
         "n_standard": len(std_lat),
         "n_bio": len(bio_lat),
-        "latency_reduction_pct": mean_reduction(std_lat, bio_lat) if std_lat.size and bio_lat.size else None,
-        "latency_reduction_ci95_pct": list(independent_bootstrap_ci(std_lat, bio_lat, mean_reduction))
-        if std_lat.size and bio_lat.size else None,
+        **latency,
+        "n_replicates": 1,
+        "run_to_run_included": False,
         "p95_reduction_pct": reduction_pct(std_fig["p95_ms"], bio_fig["p95_ms"])
         if std_fig["p95_ms"] and bio_fig["p95_ms"] is not None else None,
         "admission_rate": bio_fig["admission_rate"],
@@ -310,14 +410,35 @@ def compare_pair(standard: Run, bio: Run) -> dict:
                 return 100 * (float(a.mean()) - float(b.mean()))
 
             comparison.update(accuracy_loss_pp=loss_pp(std_ok, bio_ok), accuracy_paired=False,
-                              accuracy_loss_ci95_pp=list(independent_bootstrap_ci(std_ok, bio_ok, loss_pp)))
+                              accuracy_loss_bounds95_pp=list(independent_bootstrap_ci(std_ok, bio_ok, loss_pp,
+                                                                                      level=1 - 2 * ALPHA)))
         else:
-            comparison.update(accuracy_loss_pp=None, accuracy_loss_ci95_pp=None, accuracy_paired=False)
+            comparison.update(accuracy_loss_pp=None, accuracy_loss_bounds95_pp=None, accuracy_paired=False)
     return comparison
 
 
+def _paired_latency(std_measured: list[dict], bio_measured: list[dict]) -> dict | None:
+    """Open loop: the latency reduction over the requests both runs answered, paired by their
+    place in the schedule (``seq``), with one-sided 95 % bounds from a bootstrap over whole
+    seconds of the schedule (a queue carries delay from one request to the next). None when no
+    request pairs."""
+    standard = {r["seq"]: r for r in _answered(std_measured) if r.get("seq") is not None}
+    pairs = [(standard[r["seq"]], r) for r in _answered(bio_measured) if r.get("seq") in standard]
+    if not pairs:
+        return None
+    std_ms = np.array([s["latency_ms"] for s, _ in pairs])
+    bio_ms = np.array([b["latency_ms"] for _, b in pairs])
+    blocks = np.array([int((s.get("offset_s") or 0.0) // PAIRING_BLOCK_S) for s, _ in pairs])
+    return {"latency_reduction_pct": reduction_pct(float(std_ms.mean()), float(bio_ms.mean())),
+            "latency_reduction_bounds95_pct": list(ratio_reduction_bounds(std_ms, bio_ms, blocks)),
+            "n_pairs": len(pairs),
+            "latency_bound_method": f"paired by request, bootstrap over {len(np.unique(blocks))} "
+                                    f"blocks of {PAIRING_BLOCK_S:g} s of the schedule (one replicate: "
+                                    "run-to-run variation not included)"}
+
+
 def _claim(name, target, measured, ci, n, status, reason=None, gated=True) -> dict:
-    claim = {"name": name, "target": target, "measured": measured, "ci95": ci, "n": n, "status": status,
+    claim = {"name": name, "target": target, "measured": measured, "bounds95": ci, "n": n, "status": status,
              "gated": gated}
     if reason:
         claim["reason"] = reason
@@ -355,13 +476,23 @@ def claims(comparison: dict | None) -> list[dict]:
 
     latency = c["latency_reduction_pct"]
     loss = c["accuracy_loss_pp"]
-    status_l, reason_l = decide(latency, lambda v: v >= PAPER_LATENCY_REDUCTION_PCT - CLAIM_TOLERANCE)
-    status_a, reason_a = decide(loss, lambda v: v <= PAPER_ACCURACY_LOSS_PP + CLAIM_TOLERANCE)
+    latency_bounds, loss_bounds = c["latency_reduction_bounds95_pct"], c.get("accuracy_loss_bounds95_pp")
+    status_l, reason_l = decide(latency, lambda v: True)
+    if status_l == HELD:  # decided on the bounds, never on the point
+        status_l = decide_at_least(latency_bounds, PAPER_LATENCY_REDUCTION_PCT, CLAIM_TOLERANCE)
+        reason_l = _latency_reason(c, status_l)
+    status_a, reason_a = decide(loss, lambda v: True)
+    if status_a == HELD:
+        status_a = decide_at_most(loss_bounds, PAPER_ACCURACY_LOSS_PP, CLAIM_TOLERANCE)
+        if status_a == INCONCLUSIVE and c.get("accuracy_loss_detail"):
+            rows = rows_to_decide_loss(c["accuracy_loss_detail"], PAPER_ACCURACY_LOSS_PP)
+            reason_a = ("the estimate sits on the target: no feasible number of rows decides it" if rows is None else
+                        f"about {rows:,} evaluation rows would decide it ({c['accuracy_loss_detail']['n_rows']:,} now)")
     if not blocked and loss is not None and not c.get("accuracy_paired"):
         reason_a = "unpaired (the runs carry no reference answers)"
     energy = c["energy_reduction_pct"]
     if energy is not None and not is_estimate(c["energy_source"]):
-        status_e, reason_e = decide(energy, lambda v: v > CLAIM_TOLERANCE)
+        status_e, reason_e = decide(energy, lambda v: v > CLAIM_TOLERANCE)  # no interval: a point, stated as such
         if c.get("energy_includes_load_generator"):
             reason_e = (reason_e + "; " if reason_e else "") + "includes the load generator's own energy"
     else:
@@ -370,11 +501,25 @@ def claims(comparison: dict | None) -> list[dict]:
                     f"{c['energy_source']} is an estimate from time and utilisation: its 'saving' is the "
                     "throughput ratio, not a measurement")
     return [
-        _claim("latency_reduction", latency_target, latency, c["latency_reduction_ci95_pct"], n, status_l, reason_l),
-        _claim("accuracy_loss", accuracy_target, loss, c["accuracy_loss_ci95_pp"], n, status_a, reason_a),
+        _claim("latency_reduction", latency_target, latency, latency_bounds, n, status_l, reason_l),
+        _claim("accuracy_loss", accuracy_target, loss, loss_bounds, n, status_a, reason_a),
         _claim("energy_reduction", energy_target, energy, None, n, status_e, reason_e,
                gated=status_e != NOT_MEASURABLE or bool(blocked)),
     ]
+
+
+def _latency_reason(c: dict, status: str) -> str | None:
+    """What the latency claim's decision rests on beyond its bounds: run-to-run variation left out
+    (one replicate), and, when inconclusive, about how many replicates would decide it."""
+    notes = []
+    if not c.get("run_to_run_included"):
+        notes.append("one replicate: run-to-run variation is not in the bounds (validate --repeats 3 puts it in)")
+    if status == INCONCLUSIVE and c["latency_reduction_bounds95_pct"] is not None:
+        replicates = n_to_decide_at_least(c["latency_reduction_pct"], c["latency_reduction_bounds95_pct"],
+                                          PAPER_LATENCY_REDUCTION_PCT, c.get("n_replicates") or 1)
+        notes.append("no feasible number of replicates decides it" if replicates is None else
+                     f"about {max(replicates, 2)} replicates (--repeats) would decide it")
+    return "; ".join(notes) or None
 
 
 def _stability_cv(records: list[dict], seconds: int) -> float | None:
@@ -483,14 +628,14 @@ def regressions(summary: dict, baseline: dict, tolerances: Tolerances = Toleranc
 
 
 def ablation_claims(ablation: dict | None) -> list[dict]:
-    """The in-process ablation's claims in the report's form (held / not_held)."""
+    """The in-process ablation's claims in the report's form (held / not_held / inconclusive, on
+    their bounds). An ablation recorded before three-way verdicts keeps its held / not held."""
     if not ablation:
         return []
-    intervals = {"latency_reduction": ablation.get("latency_reduction_ci95_pct"),
-                 "accuracy_loss": ablation.get("accuracy_loss_ci95_pp")}
     n = (ablation.get("standard") or {}).get("n_requests")
-    return [{"ci95": intervals.get(c.get("name")), **c, "n": [n, n] if n else None,
-             "status": HELD if c.get("passed") else NOT_HELD} for c in ablation.get("claims", [])]
+    return [{**c, "bounds95": c.get("bounds95"), "n": [n, n] if n else None,
+             "status": c.get("status") or (HELD if c.get("passed") else NOT_HELD)}
+            for c in ablation.get("claims", [])]
 
 
 def _promise_text(row: dict) -> str:
@@ -498,8 +643,9 @@ def _promise_text(row: dict) -> str:
     against its SLO with the share shed (e.g. ``bio (budget): budget held (spent 0.00 <= 0.5 pp),
     SLO not held (p95 6.4 > 1 ms, 81.7 % shed)``)."""
     spent = row["accuracy_spent_pp"]
-    words = [f"budget {'held' if row['held_budget'] else 'not held'} (spent {spent:.2f} "
-             f"{'<=' if row['held_budget'] else '>'} {row['budget_pp']:g} pp)"]
+    lo, hi = row["accuracy_spent_bounds95_pp"]
+    words = [f"budget {STATUS_WORDS[row['budget_status']]} (spent {spent:.2f} pp, one-sided 95 % bounds "
+             f"{lo:.2f} … {hi:.2f}, against {row['budget_pp']:g} pp)"]
     if row.get("held_slo") is not None:
         shed = "" if not row.get("shed_rate") else f", {100 * row['shed_rate']:.1f} % shed"
         if not row["held_slo"] and row.get("slo_unreachable_periods"):
@@ -515,15 +661,18 @@ def _promise_text(row: dict) -> str:
 
 def verdict_line(summary: dict) -> str:
     """One line: what held, what did not, and what VALID/INVALID refers to."""
-    parts = {HELD: [], NOT_HELD: [], NOT_MEASURABLE: []}
+    parts = {HELD: [], NOT_HELD: [], INCONCLUSIVE: [], NOT_MEASURABLE: []}
     for c in summary.get("ablation_claims", []):
         parts[c["status"]].append(f"in-process {c['name']}")
     for c in summary["claims"]:
         parts[c["status"]].append(f"under load {c['name']}")
-    text = [f"{label}: {', '.join(names)}" for label, names in
-            (("held", parts[HELD]), ("not held", parts[NOT_HELD]), ("not measurable", parts[NOT_MEASURABLE]))
-            if names]
-    text.extend(_promise_text(row) for row in summary.get("policies", []) if row.get("held_budget") is not None)
+    text = [f"{STATUS_WORDS[status]}: {', '.join(names)}" for status, names in parts.items() if names]
+    text.extend(_promise_text(row) for row in summary.get("policies", []) if row.get("budget_status") is not None)
+    replicates = (summary.get("comparison") or {}).get("n_replicates")
+    if replicates:
+        text.append(f"decided on one-sided 95 % bounds; load stage {replicates} replicate"
+                    + ("s (run-to-run variation in the latency bound)" if replicates > 1 else
+                       " (run-to-run variation not in the latency bound)"))
     if summary["valid"]:
         validity_text = ("load test VALID (VALID refers to the load test's measurement: same conditions, "
                          "the offered load achieved, failures <= 0.1 %, sends on time)")

@@ -39,6 +39,7 @@ HEADER_LENGTH = "inference-header-content-length"
 PAPER_POLICY = "paper"
 EXIT_KEYS = ("exit", "exit_index", "depth")  # where an answer's parameters may say where a row left
 Z95 = 1.959963984540054
+Z95_ONE_SIDED = 1.6448536269514722  # each bound of the live accuracy verdict holds with probability >= 95 %
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -482,7 +483,7 @@ class LiveState:
                                     f"sends each row's label ({LABEL_HEADER} header; the locustfiles do)"})
         else:
             accuracy = totals["correct"] / totals["scored"]
-            low, high = wilson_interval(totals["correct"], totals["scored"])
+            low, high = wilson_interval(totals["correct"], totals["scored"], z=Z95_ONE_SIDED)
             text = (f"live accuracy {100 * accuracy:.2f} % [{100 * low:.2f}, {100 * high:.2f}] over "
                     f"{totals['scored']} labelled rows (rejections scored as wrong)")
             if self.reference_accuracy is None:
@@ -492,16 +493,24 @@ class LiveState:
                 reference, source = self.reference_accuracy
                 loss_pp = 100 * (reference - accuracy)
                 low_pp, high_pp = 100 * (reference - high), 100 * (reference - low)
-                # Decided only when the whole 95 % interval lies on one side of the target.
+                # Decided on the one-sided 95 % bounds, as the report decides: held when the upper
+                # bound is within the target, not held when the lower bound is past it.
                 status = ("held" if high_pp <= PAPER_ACCURACY_LOSS_PP else
-                          "not_held" if low_pp > PAPER_ACCURACY_LOSS_PP else "undecided")
+                          "not_held" if low_pp > PAPER_ACCURACY_LOSS_PP else "inconclusive")
+                margin = abs(loss_pp - PAPER_ACCURACY_LOSS_PP)
+                to_decide = ""
+                if status == "inconclusive":
+                    half = (high_pp - loss_pp) if loss_pp <= PAPER_ACCURACY_LOSS_PP else (loss_pp - low_pp)
+                    to_decide = ("; the estimate sits on the target: no number of rows decides it" if margin == 0 else
+                                 f"; about {math.ceil(totals['scored'] * (half / margin) ** 2):,} labelled rows "
+                                 "would decide it")
                 lines.append({"name": name, "value": loss_pp, "target": PAPER_ACCURACY_LOSS_PP,
                               "status": status,
                               "interval_pp": [100 * (reference - high), 100 * (reference - low)],
                               "detail": f"{text}; full model {100 * reference:.2f} % ({source}); "
-                                        f"loss {loss_pp:+.2f} pp, 95 % interval "
+                                        f"loss {loss_pp:+.2f} pp, one-sided 95 % bounds "
                                         f"[{100 * (reference - high):+.2f}, {100 * (reference - low):+.2f}] pp "
-                                        "(unpaired: a point estimate, the report pairs by row)"})
+                                        f"(unpaired: the report pairs by row){to_decide}"})
         return lines
 
     @staticmethod

@@ -19,7 +19,7 @@ import pytest
 
 from reports.ablation import PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT
 from targets import live
-from targets.live import LABEL_HEADER, LiveState, paper_tau, parse_answer, wilson_interval
+from targets.live import Z95_ONE_SIDED, LABEL_HEADER, LiveState, paper_tau, parse_answer, wilson_interval
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -111,7 +111,7 @@ def test_planted_requests_give_exact_rates_percentiles_and_accuracy(clock):
     assert point["tau"] == [0.7]
     accuracy_line = snapshot["verdict"][2]
     assert accuracy_line["value"] == pytest.approx(100 * (0.99 - correct / 100))
-    low, high = wilson_interval(correct, 100)
+    low, high = wilson_interval(correct, 100, z=Z95_ONE_SIDED)  # one-sided 95 % bounds, as the report decides
     assert accuracy_line["interval_pp"] == pytest.approx([100 * (0.99 - high), 100 * (0.99 - low)])
     assert accuracy_line["status"] == "not_held"  # 81 % vs 99 %: the whole interval is past 0.5 pp
     assert snapshot["verdict"][0]["status"] == "not_held"  # p95 of 1..100 ms > 50 ms
@@ -373,3 +373,17 @@ def test_dashboard_draws_and_moves_in_headless_chromium(start_gateway, browser, 
 
 def _loaded(browser: DevTools) -> bool:
     return bool(browser.evaluate("typeof window.dashboard === 'object' && !!document.getElementById('v-rps')"))
+
+
+def test_the_live_accuracy_verdict_is_three_way_on_its_bounds(clock):
+    """A loss whose bounds straddle 0.5 pp is inconclusive, with the rows that would decide it."""
+    state = LiveState("digits", "cpu", controller_state=controller_state(), slo_ms=50.0,
+                      reference_accuracy=(0.99, "planted"), window_s=5.0, clock=clock)
+    for i in range(400):  # 98.75 % right: 0.25 pp under the full model's 99 %; bounds on both sides of 0.5 pp
+        body, header = answer(["exit"], [4 if i % 80 else 5])
+        state.observe(200, 1.0, body, header, labels="4")
+    clock.advance(2.0)
+    accuracy_line = state.snapshot()["verdict"][2]
+    low, high = accuracy_line["interval_pp"]
+    assert low < 0.5 < high and accuracy_line["status"] == "inconclusive"
+    assert "labelled rows would decide it" in accuracy_line["detail"]

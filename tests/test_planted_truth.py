@@ -137,7 +137,7 @@ def test_the_planted_accuracy_loss_is_recovered(planted):
     assert {r["outcome"] for r in records} == {"answered"}
     # the planted truth: the exit head is wrong on 40 of 200 rows, and only those lose
     assert planted_loss_pp(records, kinds, {"wrong"}) == pytest.approx(20.0, abs=3.0)
-    lo, hi = c["accuracy_loss_ci95_pp"]
+    lo, hi = c["accuracy_loss_bounds95_pp"]
     assert lo <= 20.0 <= hi and hi - lo < 15
     assert c["accuracy_loss_pp"] == pytest.approx(planted_loss_pp([r for r in records if r["offset_s"] >= (c["warmup_s"] or 0)],
                                                                   kinds, {"wrong"}))
@@ -154,7 +154,7 @@ def test_the_planted_rejections_are_scored_as_wrong(planted):
     assert rejected and {kinds[r["row"]] for r in rejected} == {"right", "wrong"}  # every confident row
     assert all(not r["correct"] and r["status"] == 503 for r in rejected)
     assert c["rejected_scored_wrong"] == sum(r["offset_s"] >= (c["warmup_s"] or 0) for r in rejected)
-    lo, hi = c["accuracy_loss_ci95_pp"]
+    lo, hi = c["accuracy_loss_bounds95_pp"]
     assert lo <= 50.0 <= hi  # half the rows are confident: half the requests get no answer
     assert c["rejection_rate"] == pytest.approx(0.5, abs=0.08)
     assert summary["runs"]["bio"]["failed"] == 0  # a rejection is not a failure

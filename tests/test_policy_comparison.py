@@ -56,14 +56,17 @@ def test_each_policy_is_compared_with_standard_and_judged_against_its_own_promis
     assert summary["comparison"]["bio_run"] == "bio"  # the claims rest on the run named bio
     by_policy = {row["policy"]: row for row in summary["policies"]}
     assert by_policy["paper"]["accuracy_spent_pp"] == pytest.approx(2.0, abs=0.6)
-    assert by_policy["paper"]["held_budget"] is None and by_policy["paper"]["shed"] == 0
+    assert by_policy["paper"]["budget_status"] is None and by_policy["paper"]["shed"] == 0
     row = by_policy["budget"]
     assert row["shed"] == 200 and row["shed_rate"] == pytest.approx(0.2)
-    assert row["accuracy_spent_pp"] == pytest.approx(0.5, abs=0.3) and row["held_budget"] is (row["accuracy_spent_pp"] <= 0.5)
+    assert row["accuracy_spent_pp"] == pytest.approx(0.5, abs=0.3)
+    # Decided on the bounds: one wrong row in 200 leaves the upper bound well past 0.5 pp.
+    lo, hi = row["accuracy_spent_bounds95_pp"]
+    assert lo <= row["accuracy_spent_pp"] <= hi and hi > 0.5 and row["budget_status"] == "inconclusive"
     assert row["accuracy_loss_pp"] > 15  # shed requests scored as wrong in the claim, not in what was spent
     assert row["p95_ms"] == pytest.approx(3.0) and row["held_slo"] is False
     line = verdict_line(summary)
-    assert "bio (budget): budget held" in line or "bio (budget): budget not held" in line
+    assert "bio (budget): budget inconclusive (spent" in line
     assert "SLO not held (p95 3.0 > 2 ms, 20.0 % shed)" in line and "bio-paper (paper)" not in line
     table = _md_table(POLICY_HEADER, _policy_rows(summary))
     assert "| bio-paper | paper |" in table and "| bio | budget |" in table and "(NO)" in table
@@ -76,7 +79,9 @@ def test_the_verdict_says_when_the_slo_was_out_of_reach_of_shedding():
     state["budget"]["slo"].update(unreachable=40, violations=50, service_p95_ms=2.5)
     bio = run("bio", "bio", records(rng, action_of=lambda s: "exit", latency_ms=3.0, wrong_rows=set()), state)
     line = verdict_line(build_summary([standard, bio]))
-    assert ("bio (budget): budget held (spent 0.00 <= 0.5 pp), SLO not held (p95 3.0 > 1 ms, out of reach of "
+    # No harm seen on 197 rows: the upper bound, 1 − 0.025^(1/197) = 1.86 pp, still reaches past the budget.
+    assert "bio (budget): budget inconclusive (spent 0.00 pp, one-sided 95 % bounds -1.86 … 1.86, against 0.5 pp)" in line
+    assert ("SLO not held (p95 3.0 > 1 ms, out of reach of "
             "shedding: the gateway's service time alone (p95 2.50 ms at the end) broke it in 40 of 50 violated "
             "periods)") in line
 

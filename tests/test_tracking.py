@@ -43,7 +43,7 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 def test_flatten_names_energy_by_its_kind_and_keeps_every_claim_and_phase():
     document = {
         "model": "digits",
-        "latency_reduction_ci95_pct": [40.0, 44.0],
+        "latency_reduction_bounds95_pct": [40.0, 44.0],
         "claims": [{"name": "latency_reduction", "measured": 42.5, "passed": True, "status": "held"},
                    {"name": "accuracy_loss", "measured": 0.7, "passed": False, "status": "not_held"}],
         "controller": {"alpha": 1.0, "skip_action": "exit"},
@@ -56,7 +56,7 @@ def test_flatten_names_energy_by_its_kind_and_keeps_every_claim_and_phase():
         "invalid_reasons": ["bio: too short"],
     }
     metrics, params, tags = flatten(document, "load")
-    assert metrics["load.latency_reduction_ci95_pct.low"] == 40.0 and metrics["load.latency_reduction_ci95_pct.high"] == 44.0
+    assert metrics["load.latency_reduction_bounds95_pct.low"] == 40.0 and metrics["load.latency_reduction_bounds95_pct.high"] == 44.0
     assert metrics["load.claims.latency_reduction.measured"] == 42.5
     assert metrics["load.claims.latency_reduction.held"] == 1.0 and metrics["load.claims.accuracy_loss.held"] == 0.0
     assert metrics["load.claims.accuracy_loss.passed"] == 0.0
@@ -115,7 +115,7 @@ def test_validate_then_report_logged_to_mlflow_and_read_back(tmp_path):
     results, store = tmp_path / "results", tmp_path / "mlruns"
     done = subprocess.run(
         [sys.executable, "-m", "green_mlops.cli", "validate", "--requests", "300", "--warmup", "30",
-         "--load-s", "6", "--load-phase-s", "2", "--load-users", "2", "--results", str(results),
+         "--load-s", "6", "--load-phase-s", "2", "--load-users", "2", "--repeats", "1", "--results", str(results),
          "--mlflow", str(store)],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
