@@ -276,7 +276,8 @@ def _run_serve(args) -> int:
     profiler = open_energy(args, make_results_dir(args.results))
     settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
                                max_batch=args.max_batch, body_timeout_s=args.body_timeout_s,
-                               max_queue=args.max_queue, inline_max_body_bytes=max(args.inline_max_body_bytes, 0))
+                               max_queue=args.max_queue, inline_max_body_bytes=max(args.inline_max_body_bytes, 0),
+                               serial_on_loop=len(os.sched_getaffinity(0)) == 1 and args.backend == "onnxruntime")
     app = create_app(spec, backend, controller, settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -306,7 +307,8 @@ def _run_serve(args) -> int:
     server = DrainingServer(config)
     server.ready_line = (f"green-mlops gateway: model {spec.name} · controller {args.controller} · "
                          f"{backend.provider} · CPUs {cpu_list(os.sched_getaffinity(0))} · "
-                         f"{intra_op_threads} intra-op thread(s) · energy {energy} · listening on http://{host}:{port}"
+                         f"{intra_op_threads} intra-op thread(s){' · serial on the event loop' if settings.serial_on_loop else ''}"
+                         f" · energy {energy} · listening on http://{host}:{port}"
                          f"\ngreen-mlops gateway: dashboard http://{host}:{port}/dashboard")
     try:
         server.run(sockets=[sock])

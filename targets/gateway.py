@@ -11,7 +11,8 @@ discarded, so that the client can read the answer); only then does it count as i
 decoding (JSON, ``np.asarray``, tokenisation), inference and the encoding of the answer run as one
 job in a pool of ``max_concurrency`` threads, whose queue holds at most ``max_queue`` jobs (queued
 or running; beyond that 503 with Retry-After); when the gateway is otherwise idle (no other
-request in flight or queued) and the body is small, the job runs on the event loop instead. The in-flight count and the recent p95 of
+request in flight or queued) and the body is small, the job runs on the event loop instead (and
+always, one at a time in arrival order, with ``serial_on_loop``: a gateway on one CPU). The in-flight count and the recent p95 of
 in-flight-to-answer latencies are the controller's congestion signal ĉ. Every answer, errors
 included, is JSON with a message; bad input is a 4xx, never a 5xx.
 """
@@ -54,6 +55,10 @@ class GatewaySettings:
     # A request runs on the event loop itself, no thread hop, when nothing else is in flight or
     # queued and its body is at most this many bytes (0: always the worker pool).
     inline_max_body_bytes: int = 64 << 10
+    # Under load too, small jobs run on the event loop, one at a time in arrival order (waiting ones
+    # in flight and in the queue bound): for a gateway on one CPU, where worker threads add
+    # hand-offs and no parallelism.
+    serial_on_loop: bool = False
 
 
 class PayloadTooLarge(Exception):
@@ -100,6 +105,17 @@ class BoundedExecutor:
             return fn(*args)
         finally:
             self._done(None)
+
+    def reserve(self) -> None:
+        """Count a job that will run outside the pool (QueueFull when ``max_pending`` are
+        queued or running); ``release()`` when it is done."""
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise QueueFull
+            self._pending += 1
+
+    def release(self) -> None:
+        self._done(None)
 
     def submit(self, fn, *args) -> Future:
         with self._lock:
@@ -280,6 +296,7 @@ def create_app(
     tokenizer = spec.load_tokenizer()  # text models: BYTES inputs are tokenised here, at the edge
     in_flight = [0]
     answered = [0]
+    loop_turn = asyncio.Lock()  # serial_on_loop: one job at a time on the event loop
     app.state.answered_requests = lambda: answered[0]  # running count, for energy per request
     metrics = _Metrics(target, lambda: in_flight[0], lambda: executor.pending)
     n_classes = len(spec.classes)
@@ -370,7 +387,15 @@ def create_app(
         1); a request whose body arrived while another ran has counted itself in flight by the
         time this one looks (the yield below), so under load the pool, the queue bound and the
         congestion signal work as before."""
-        if len(body) <= settings.inline_max_body_bytes and in_flight[0] == 1:
+        small = len(body) <= settings.inline_max_body_bytes
+        if small and settings.serial_on_loop:
+            executor.reserve()
+            try:
+                async with loop_turn:  # FIFO: the waiting requests are in flight, and queued
+                    return answer(body, header_length, service_ms)
+            finally:
+                executor.release()
+        if small and in_flight[0] == 1:
             await asyncio.sleep(0)  # let requests already received count themselves in flight
             if in_flight[0] == 1:
                 try:
