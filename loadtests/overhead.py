@@ -11,9 +11,11 @@ time per request of each part, the client's p50 and the requests per second; ``-
 the collapsed stacks. Needs ``py-spy`` (``pip install py-spy``) and the right to trace the gateway
 (root, or ``kernel.yama.ptrace_scope`` 0).
 
-A sampling profiler sees CPU, not waiting: the hand-off between the event loop and a worker
-thread costs mostly wake-up latency, which shows as the gap between the client's wall time per
-request and the CPU the gateway spent on it.
+What a sample shows is a thread that is running *or waiting for a CPU* (runnable): on a busy
+machine the time a thread waits to be scheduled again after it wrote an answer (which woke the
+client) lands on that write. Stacks that end where a thread sleeps (the loop in its poll, an idle
+worker) are counted apart. The hand-off between the event loop and a worker thread costs mostly
+wake-ups and the GIL, which show under ``concurrent/futures`` and asyncio's future callbacks.
 """
 from __future__ import annotations
 
@@ -68,9 +70,18 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
 )
 
 
+# Leaves where a thread waits (py-spy --nonblocking cannot always tell idle threads): the event
+# loop inside uvloop's C poll, a worker thread on its queue. Counted apart, never as work.
+WAITING = "waiting (loop in poll, idle worker)"
+_WAITING_LEAVES = ("Runner.run (asyncio/runners.py", "_worker (concurrent/futures/thread.py:81)")
+
+
 def categorise(stack: str) -> str:
     """The category of one collapsed stack (frames joined by ';', root first)."""
-    for frame in reversed(stack.split(";")):
+    frames = stack.split(";")
+    if frames[-1].startswith(_WAITING_LEAVES):
+        return WAITING
+    for frame in reversed(frames):
         for category, needle in CATEGORIES:
             if needle in frame:
                 return category
@@ -159,6 +170,7 @@ def profile(model: str, seconds: float, concurrency: int, rate_hz: int, serve_ar
 
 
 def print_table(result: dict) -> None:
+    waiting = result["cpu_ms_per_request"].pop(WAITING, 0.0)
     total = sum(result["cpu_ms_per_request"].values())
     print(f"model {result['model']} · concurrency {result['concurrency']} · {result['requests']} requests in "
           f"{result['seconds']:.1f} s ({result['requests_per_s']:.0f}/s) · client p50 "
@@ -167,6 +179,7 @@ def print_table(result: dict) -> None:
     print(f"| part | CPU ms per request | share |\n|---|---:|---:|")
     for category, ms in sorted(result["cpu_ms_per_request"].items(), key=lambda kv: -kv[1]):
         print(f"| {category} | {ms:.3f} | {ms / total:.0%} |")
+    print(f"| {WAITING}: not counted above | {waiting:.3f} | |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from loadtests.crosscheck import locust_figures
-from loadtests.overhead import categorise, parse_raw
+from loadtests.overhead import WAITING, categorise, parse_raw
 from loadtests.wrk import _lua, parse_output
 from targets.cpus import PIN_ENV, cpu_list, serving_threads, split_for_load_test
 from targets.gateway import BoundedExecutor, QueueFull
@@ -120,10 +120,13 @@ def test_samples_are_sorted_by_the_innermost_known_frame():
         "parse + validate (request)"
     assert categorise(f"{worker};encode_infer_response (targets/kserve.py:220);dumps (json/__init__.py:1)") == \
         "encode (answer JSON)"
-    assert categorise("_worker (concurrent/futures/thread.py:81)") == "queue hop (thread pool)"
+    assert categorise("_worker (concurrent/futures/thread.py:81)") == WAITING
+    assert categorise("main (cli.py:1);Runner.run (asyncio/runners.py:118)") == WAITING
+    assert categorise(f"{worker};set_result (concurrent/futures/_base.py:550);_call_set_state (asyncio/futures.py:403)"
+                      ) == "queue hop (thread pool)"
     assert categorise("main (x.py:1);something (elsewhere.py:2)") == "other"
     counts = parse_raw(f"{worker};{ort} 7\n_worker (concurrent/futures/thread.py:81) 3\nnot a sample\n")
-    assert counts == {"inference (ONNX Runtime)": 7, "queue hop (thread pool)": 3}
+    assert counts == {"inference (ONNX Runtime)": 7, WAITING: 3}
 
 
 WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8000
