@@ -162,8 +162,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="answer a request on the event loop, no thread hop, when nothing else is in flight "
                             "and its body is at most this big (default 64 KiB; 0: always the worker threads)")
     serve.add_argument("--intra-op-threads", type=_positive_int,
-                       help="ONNX Runtime intra-op threads per session (default: the CPUs this process may "
-                            "run on divided by --max-concurrency, at least 1)")
+                       help="ONNX Runtime intra-op threads per session (default: one per CPU this process may run on)")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
     serve.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
@@ -260,7 +259,7 @@ def _run_serve(args) -> int:
     if args.energy_window_s <= 0:
         raise GreenMLOpsError("--energy-window-s must be > 0")
     spec = resolve_model(args.model)
-    intra_op_threads = args.intra_op_threads or serving_threads(args.max_concurrency)
+    intra_op_threads = args.intra_op_threads or serving_threads()
     backend = OnnxRuntimeTarget(spec, device=args.device, intra_op_threads=intra_op_threads)
     # Calibration (and the budget policy's certificate) run in-process on the validation split.
     controller = None if args.controller == "off" else make_controller(
