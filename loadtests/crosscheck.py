@@ -2,7 +2,8 @@
 
     python -m loadtests.crosscheck --model digits --users 16 --seconds 15 [--scenario bio]
 
-Starts one gateway (the scenario's controller) and drives it closed loop with ``--users``
+Starts one gateway (the scenario's controller; for bio at its steady τ with γ = β = 0, so that
+both generators meet the same controller) and drives it closed loop with ``--users``
 connections, first with wrk, then with the locustfile (``--shape steady``, records on disk), each
 for ``--seconds`` on the load generator's CPUs (the gateway on the others, where there are two or
 more). Prints each one's achieved rate and p50 and Locust's over wrk's; Locust's figures come from
@@ -59,10 +60,13 @@ def crosscheck(model: str, scenario: str, users: int, seconds: int) -> dict:
     spec = resolve_model(model)
     split = split_for_load_test()
     generator, server = split if split else (None, None)
-    controller = ["--controller", "bio" if scenario == "bio" else "off"]
+    # bio: τ at its steady value from the start and no congestion or energy term, so that both
+    # generators meet the same controller (τ(t) decays and ĉ follows the load otherwise)
+    controller = (["--controller", "bio", "--policy", "paper", "--k", "1e6", "--gamma", "0", "--beta", "0"]
+                  if scenario == "bio" else ["--controller", "off"])
     with GatewayProcess("--model", model, *controller, cpus=server) as gateway, \
             tempfile.TemporaryDirectory(prefix="green-mlops-crosscheck-") as tmp:
-        wrk = run_wrk(gateway.url, f"/v2/models/{spec.name}/infer", _bodies(spec), connections=users,
+        wrk = run_wrk(gateway.url, f"/v2/models/{spec.name}/infer", _bodies(spec, n=1 << 30), connections=users,
                       duration_s=seconds, cpus=generator)
         locust = run_locust(gateway.url, model, scenario, users, seconds, generator, Path(tmp) / "run")
     return {"model": model, "scenario": scenario, "users": users, "seconds": seconds,
