@@ -169,3 +169,12 @@ def test_locust_figures_skip_the_warm_up(tmp_path):
     assert figures["requests"] == 80 and figures["failed"] == 1
     assert figures["p50_ms"] == 10.0
     assert figures["requests_per_s"] == pytest.approx(80 / 79.6, rel=1e-6)
+
+
+def test_the_report_says_where_locust_and_the_gateway_ran():
+    from reports.render import _cpu_sets
+
+    assert _cpu_sets({"cpu_sets": {"load_generator": "0", "gateway": "1"}}) == "; Locust on CPU 0, gateway on CPU 1"
+    assert _cpu_sets({"cpu_sets": "shared: Locust and the gateway not pinned"}) == \
+        "; shared: Locust and the gateway not pinned"
+    assert _cpu_sets({}) == ""  # runs recorded before CPU sets were
