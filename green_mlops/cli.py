@@ -103,6 +103,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -158,9 +165,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="a request body must arrive within this many seconds (else 408), default 10")
     serve.add_argument("--max-queue", type=_positive_int, default=256,
                        help="requests queued or running in the workers; beyond that 503 with Retry-After")
-    serve.add_argument("--inline-max-body-bytes", type=int, default=64 << 10,
+    serve.add_argument("--inline-max-body-bytes", type=_non_negative_int, default=64 << 10,
                        help="answer a request on the event loop, no thread hop, when nothing else is in flight "
-                            "and its body is at most this big (default 64 KiB; 0: always the worker threads)")
+                            "and its body is at most this big (default 64 KiB; 0: always the worker threads; "
+                            "ONNX Runtime only: Triton calls always run in the worker threads)")
     serve.add_argument("--intra-op-threads", type=_positive_int,
                        help="ONNX Runtime intra-op threads per session (default: one per CPU this process may run on)")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
@@ -275,7 +283,9 @@ def _run_serve(args) -> int:
     profiler = open_energy(args, make_results_dir(args.results))
     settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
                                max_batch=args.max_batch, body_timeout_s=args.body_timeout_s,
-                               max_queue=args.max_queue, inline_max_body_bytes=max(args.inline_max_body_bytes, 0),
+                               max_queue=args.max_queue,
+                               # never on the loop for Triton: a network call could hold it for --triton-timeout-s
+                               inline_max_body_bytes=args.inline_max_body_bytes if args.backend == "onnxruntime" else 0,
                                serial_on_loop=len(os.sched_getaffinity(0)) == 1 and args.backend == "onnxruntime")
     app = create_app(spec, backend, controller, settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
