@@ -491,5 +491,8 @@ def create_app(
 
     for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
         app.add_route(path, infer, methods=["POST"], include_in_schema=False)
+    # Matched first: the router tries routes in order, and this is the one that carries the load.
+    infer_routes = app.router.routes[-2:]
+    app.router.routes[:] = infer_routes + app.router.routes[:-2]
     install_dashboard(app, spec, controller, target.provider, metrics.registry)  # /dashboard, its state and static files
     return app
