@@ -112,6 +112,13 @@ def _split_seed(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -172,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="a request body must arrive within this many seconds (else 408), default 10")
     serve.add_argument("--max-queue", type=_positive_int, default=256,
                        help="requests queued or running in the workers; beyond that 503 with Retry-After")
+    serve.add_argument("--inline-max-body-bytes", type=_non_negative_int, default=64 << 10,
+                       help="answer a request on the event loop, no thread hop, when nothing else is in flight "
+                            "and its body is at most this big (default 64 KiB; 0: always the worker threads; "
+                            "ONNX Runtime only: Triton calls always run in the worker threads)")
+    serve.add_argument("--intra-op-threads", type=_positive_int,
+                       help="ONNX Runtime intra-op threads per session (default: one per CPU this process may run on)")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
                        help="on SIGTERM, how long in-flight requests may take to finish")
     serve.add_argument("--backend", choices=("onnxruntime", "triton"), default="onnxruntime",
@@ -291,6 +304,7 @@ def _run_serve(args) -> int:
     from green_mlops.models import resolve_model
     from targets.gateway import GatewaySettings, create_app
     from targets.make_controller import make_controller
+    from targets.cpus import cpu_list, serving_threads
     from targets.ort_target import OnnxRuntimeTarget
 
     from profilers.feed import PeriodicEnergyFeed
@@ -298,7 +312,8 @@ def _run_serve(args) -> int:
     if args.energy_window_s <= 0:
         raise GreenMLOpsError("--energy-window-s must be > 0")
     spec = resolve_model(args.model)
-    backend = OnnxRuntimeTarget(spec, device=args.device)
+    intra_op_threads = args.intra_op_threads or serving_threads()
+    backend = OnnxRuntimeTarget(spec, device=args.device, intra_op_threads=intra_op_threads)
     # Calibration (and the budget policy's certificate) run in-process on the validation split.
     controller = None if args.controller == "off" else make_controller(
         controller_config(args, spec, backend), spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
@@ -313,7 +328,10 @@ def _run_serve(args) -> int:
     profiler = open_energy(args, make_results_dir(args.results))
     settings = GatewaySettings(max_concurrency=args.max_concurrency, max_body_bytes=args.max_body_bytes,
                                max_batch=args.max_batch, body_timeout_s=args.body_timeout_s,
-                               max_queue=args.max_queue)
+                               max_queue=args.max_queue,
+                               # never on the loop for Triton: a network call could hold it for --triton-timeout-s
+                               inline_max_body_bytes=args.inline_max_body_bytes if args.backend == "onnxruntime" else 0,
+                               serial_on_loop=len(os.sched_getaffinity(0)) == 1 and args.backend == "onnxruntime")
     app = create_app(spec, backend, controller, settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -328,7 +346,11 @@ def _run_serve(args) -> int:
         sock.close()
         raise GreenMLOpsError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
+    try:  # headers and body in one write (see targets.http_protocol); uvicorn's choice without httptools
+        from targets.http_protocol import GatheringHttpToolsProtocol as http_protocol
+    except ImportError:
+        http_protocol = "auto"
+    config = uvicorn.Config(app, log_level="warning", access_log=False, http=http_protocol,
                             timeout_graceful_shutdown=args.drain_timeout_s)
     feed = None
     if profiler is not None and profiler.sources:
@@ -338,7 +360,9 @@ def _run_serve(args) -> int:
     energy = ", ".join(profiler.source_labels()) if feed is not None else "off"
     server = DrainingServer(config)
     server.ready_line = (f"green-mlops gateway: model {spec.name} · controller {args.controller} · "
-                         f"{backend.provider} · energy {energy} · listening on http://{host}:{port}"
+                         f"{backend.provider} · CPUs {cpu_list(os.sched_getaffinity(0))} · "
+                         f"{intra_op_threads} intra-op thread(s){' · serial on the event loop' if settings.serial_on_loop else ''}"
+                         f" · energy {energy} · listening on http://{host}:{port}"
                          f"\ngreen-mlops gateway: dashboard http://{host}:{port}/dashboard")
     try:
         server.run(sockets=[sock])

@@ -16,8 +16,21 @@ import time
 from pathlib import Path
 
 from targets.child_process import die_with_parent
+from targets.cpus import pin_to
 
 READY_MARK = "listening on "
+
+
+def _preexec(*steps):
+    steps = [step for step in steps if step is not None]
+    if not steps:
+        return None
+
+    def run() -> None:
+        for step in steps:
+            step()
+
+    return run
 
 
 class GatewayProcess:
@@ -26,20 +39,22 @@ class GatewayProcess:
     Energy sources are off unless ``--energy`` is among the arguments (CodeCarbon's start-up
     costs over a second). ``log_path`` (default: a temporary file, removed by a clean ``stop()``)
     receives everything the gateway prints. ``stop()`` sends SIGTERM, so in-flight requests drain.
+    ``cpus`` pins the gateway to those CPUs (its ONNX Runtime threads follow its share).
     """
 
     def __init__(self, *args: str, host: str = "127.0.0.1", log_path: Path | None = None,
-                 startup_timeout_s: float = 120.0):
+                 startup_timeout_s: float = 120.0, cpus: list[int] | None = None):
         if "--energy" not in args:
             args = (*args, "--energy", "off")
         self._final_log: str | None = None
         self._tmp = None if log_path is not None else tempfile.mkdtemp(prefix="green-mlops-gateway-")
         self.log_path = Path(log_path) if log_path is not None else Path(self._tmp) / "gateway.log"
         self._log = self.log_path.open("wb")
+        self.cpus = list(cpus) if cpus else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "green_mlops.cli", "serve", "--host", host, "--port", "0", *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent())
+            preexec_fn=_preexec(die_with_parent(), pin_to(self.cpus) if self.cpus else None))
         try:
             line = self._wait_listening(startup_timeout_s)
         except BaseException:

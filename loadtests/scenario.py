@@ -83,6 +83,7 @@ class _Run:
     def __init__(self):
         self.scenario = "bio"
         self.gateway = None  # the gateway this locustfile started, if it started one
+        self.cpu_sets: dict | None = None  # {"load_generator": "0", "gateway": "1"} when pinned
         self.writer: RecordWriter | None = None  # local runner or master only
         self.results_dir: Path | None = None
         self.started_s: float | None = None
@@ -206,9 +207,18 @@ def _init(environment, **_):
     if not environment.host:
         from loadtests.gateway_process import GatewayProcess
 
+        from targets.cpus import cpu_list, split_for_load_test
+
         extra = ("--config", options.controller_config) if options.controller_config else ()
+        # Locust and the gateway on disjoint CPUs where there are two or more (the gateway's ONNX
+        # Runtime threads follow its share): the load generator must not take the server's cores.
+        split = split_for_load_test()
         RUN.gateway = GatewayProcess("--model", options.model, "--energy", options.energy,
-                                     "--controller", "bio" if RUN.scenario == "bio" else "off", *extra)
+                                     "--controller", "bio" if RUN.scenario == "bio" else "off", *extra,
+                                     cpus=split[1] if split else None)
+        if split is not None:
+            os.sched_setaffinity(0, split[0])
+            RUN.cpu_sets = {"load_generator": cpu_list(split[0]), "gateway": cpu_list(split[1])}
         environment.host = RUN.gateway.url
         print(f"green-mlops: {RUN.scenario} gateway at {RUN.gateway.url} · dashboard {RUN.gateway.dashboard_url}",
               file=sys.stderr, flush=True)
@@ -317,7 +327,9 @@ def _test_start(environment, **_):
         "energy_unavailable": RUN.profiler.unavailable if RUN.profiler else {},
         "gateway_energy": options.energy if RUN.gateway is not None else "unknown (not started here)",
         "versions": _versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "cpu_sets": RUN.cpu_sets or ("shared: Locust and the gateway not pinned" if RUN.gateway
+                                                 else "the gateway not started here")},
         **_served_model(environment.host, _served_name(options)),
     }
     _write_metadata()

@@ -210,8 +210,16 @@ def _conditions(summary: dict) -> list[list[str]]:
                                        f"seed {schedule['seed']})" if schedule else
                                        "open loop" if c.get("open_loop") else "closed loop")
         rows.append([f["name"], str(c.get("model")), str(c.get("provider")), str(c.get("controller")), load,
-                     f"{machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs", versions])
+                     f"{machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs{_cpu_sets(machine)}", versions])
     return rows
+
+
+def _cpu_sets(machine: dict) -> str:
+    """Where Locust and the gateway ran (run.json's machine.cpu_sets), after the CPU count."""
+    sets = machine.get("cpu_sets")
+    if isinstance(sets, dict):
+        return f"; Locust on CPU {sets.get('load_generator')}, gateway on CPU {sets.get('gateway')}"
+    return f"; {sets}" if isinstance(sets, str) else ""
 
 
 CONDITION_HEADER = ["run", "model", "provider", "controller", "load", "machine", "versions"]

@@ -514,7 +514,17 @@ def asgi_client(app):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
 
 
-def test_decoding_runs_off_the_event_loop(monkeypatch, digits_spec, digits_backend, digits_eval):
+@pytest.mark.parametrize("inline_max_body_bytes, serial, on_loop", [
+    (0, False, False),  # never inline: the worker pool
+    (100, False, False),  # the body (about 1.5 kB) is above the inline limit: the pool
+    (64 << 10, False, True),  # a small body while nothing else is in flight: on the loop
+    (100, True, False),  # serial on the loop takes small bodies only
+    (64 << 10, True, True),
+])
+def test_decoding_runs_off_the_event_loop(monkeypatch, digits_spec, digits_backend, digits_eval,
+                                          inline_max_body_bytes, serial, on_loop):
+    """A large body is decoded in the worker pool (json and numpy hold the GIL while they parse);
+    a small one at idle, or with serial_on_loop, on the event loop (no thread hand-off)."""
     import asyncio
 
     import targets.gateway as gateway_module
@@ -527,7 +537,8 @@ def test_decoding_runs_off_the_event_loop(monkeypatch, digits_spec, digits_backe
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(gateway_module, "decode_infer_request", recording_decode)
-    app = gateway_module.create_app(digits_spec, digits_backend, None)
+    settings = gateway_module.GatewaySettings(inline_max_body_bytes=inline_max_body_bytes, serial_on_loop=serial)
+    app = gateway_module.create_app(digits_spec, digits_backend, None, settings)
 
     async def main():
         async with asgi_client(app) as client:
@@ -535,7 +546,7 @@ def test_decoding_runs_off_the_event_loop(monkeypatch, digits_spec, digits_backe
             return response.status_code, threading.get_ident()
 
     status, loop_thread = asyncio.run(main())
-    assert status == 200 and threads and loop_thread not in threads
+    assert status == 200 and threads and (loop_thread in threads) == on_loop
 
 
 def test_a_full_queue_answers_503_with_retry_after(digits_spec, digits_backend, digits_eval):

@@ -190,6 +190,14 @@ def test_standard_scenario_starts_its_own_gateway_with_the_controller_off(locust
     assert records and {r["action"] for r in records} == {"full"} and all(r["admitted"] for r in records)
     metadata = json.loads((tmp_path / "run.json").read_text())
     assert metadata["gateway_started_by_locustfile"] and metadata["controller"] == "off"
+    from targets.cpus import cpu_list, split_for_load_test
+
+    split = split_for_load_test()  # Locust and the gateway on disjoint CPUs where there are two
+    cpu_sets = metadata["machine"]["cpu_sets"]
+    if split is None:
+        assert cpu_sets.startswith("shared")
+    else:
+        assert cpu_sets == {"load_generator": cpu_list(split[0]), "gateway": cpu_list(split[1])}
     host = metadata["host"]
     with pytest.raises(httpx.HTTPError):  # stopped with the run
         httpx.get(f"{host}/v2/health/live", timeout=2)

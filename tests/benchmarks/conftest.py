@@ -1,7 +1,8 @@
 """Ratio gates over pytest-benchmark results (thresholds in ratios.toml beside this file).
 
-Each ratio is a statistic (``stat``: median by default, or mean) of one benchmark over the same
-statistic of another from the same session. The
+Each ratio is a statistic (``stat``: median by default, or mean, or ``extra:KEY``: a figure in
+seconds the benchmark stored in its ``extra_info``) of one benchmark over the same statistic of
+another from the same session. The
 ratios land in the numerator's ``extra_info`` (so in ``--benchmark-json`` and saved runs), print
 as a table at the end, and fail the session when one exceeds its ``max`` (a rule without ``max``
 is reported only).
@@ -87,9 +88,15 @@ def _remember_benchmark(request):
 
 
 def _statistic_s(name: str, stat: str) -> float | None:
+    """``stat`` of a benchmark's timings, or with ``extra:KEY`` a figure in seconds the benchmark
+    measured itself and stored in its ``extra_info`` (e.g. seconds per request under load)."""
     fixture = _fixtures.get(name)
     stats = getattr(fixture, "stats", None)
-    return None if stats is None else getattr(stats.stats, stat)
+    if stats is None:
+        return None
+    if stat.startswith("extra:"):
+        return fixture.extra_info.get(stat.removeprefix("extra:"))
+    return getattr(stats.stats, stat)
 
 
 def pytest_collection_finish(session):
