@@ -21,7 +21,7 @@ from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, E
                                    make_results_dir, open_energy, stderr, stdout, tau_inf_is_explicit)
 from targets.errors import GreenMLOpsError
 
-DEFAULT_REPEATS = 3  # validate's load-stage replicates: about 3 minutes here in all (see the README)
+DEFAULT_REPEATS = 3  # validate's load-stage replicates: the job takes about 2 min 15 s here (see the README)
 
 def error_line(message: str) -> None:
     """One line on stderr: ``error: message``, the prefix in red, the message verbatim."""

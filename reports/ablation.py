@@ -77,7 +77,7 @@ def undecided_text(claim: dict) -> str:
     if "rows_to_decide" in claim:
         n = claim["rows_to_decide"]
         return ("no feasible number of rows decides it (the estimate sits on the target)" if n is None else
-                f"about {n:,} evaluation rows would decide it ({claim['n_rows']:,} now)")
+                f"about {n:,} evaluation rows would decide it, {claim['n_rows']:,} now")
     if "blocks_to_decide" in claim:
         n = claim["blocks_to_decide"]
         return ("no feasible number of blocks decides it" if n is None else

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reports.ablation import CLAIM_TOLERANCE, PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT
+from reports.ablation import CLAIM_TOLERANCE, PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT, undecided_text
 from reports.records import ANSWERED, REJECTED, outcome, phase_summary, request_figures
 from reports.runs import Run
 from reports.bounds import (ALPHA, HELD, INCONCLUSIVE, NOT_HELD, NOT_MEASURABLE, accuracy_loss_bounds,
@@ -487,7 +487,7 @@ def claims(comparison: dict | None) -> list[dict]:
         if status_a == INCONCLUSIVE and c.get("accuracy_loss_detail"):
             rows = rows_to_decide_loss(c["accuracy_loss_detail"], PAPER_ACCURACY_LOSS_PP)
             reason_a = ("the estimate sits on the target: no feasible number of rows decides it" if rows is None else
-                        f"about {rows:,} evaluation rows would decide it ({c['accuracy_loss_detail']['n_rows']:,} now)")
+                        f"about {rows:,} evaluation rows would decide it, {c['accuracy_loss_detail']['n_rows']:,} now")
     if not blocked and loss is not None and not c.get("accuracy_paired"):
         reason_a = "unpaired (the runs carry no reference answers)"
     energy = c["energy_reduction_pct"]
@@ -633,9 +633,13 @@ def ablation_claims(ablation: dict | None) -> list[dict]:
     if not ablation:
         return []
     n = (ablation.get("standard") or {}).get("n_requests")
-    return [{**c, "bounds95": c.get("bounds95"), "n": [n, n] if n else None,
-             "status": c.get("status") or (HELD if c.get("passed") else NOT_HELD)}
-            for c in ablation.get("claims", [])]
+    claims_ = [{**c, "bounds95": c.get("bounds95"), "n": [n, n] if n else None,
+                "status": c.get("status") or (HELD if c.get("passed") else NOT_HELD)}
+               for c in ablation.get("claims", [])]
+    for c in claims_:
+        if c["status"] == INCONCLUSIVE and undecided_text(c):
+            c["reason"] = undecided_text(c)
+    return claims_
 
 
 def _promise_text(row: dict) -> str:

@@ -40,7 +40,8 @@ import numpy as np
 from targets.model_dir import heldout_digest
 
 TRAIN_SEED = 0  # weights of the heads, batch order
-SPLIT_SEED = 0  # which snippets are held out, validation, training (`models build --split-seed`)
+SPLIT_SEED = 20261202  # which snippets are held out, validation, training (`models build --split-seed`); drawn after
+# the calibration rules were frozen (commit 7ecec13): the split of every figure the README measures on reviews now
 MAX_LENGTH = 64  # tokens: the snippets' median is ~26, 95 % fit in 47 (the paper used 128)
 EPOCHS = 4
 BATCH_SIZE = 32
