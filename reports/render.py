@@ -103,6 +103,12 @@ def _ablation_lines(summary: dict) -> list[str]:
     a = summary.get("ablation")
     if not a:
         return []
+    if "latency_reduction_bounds95_pct" not in a:  # an ablation recorded before the bounds: its two-sided intervals
+        lo, hi = a.get("latency_reduction_ci95_pct") or (float("nan"),) * 2
+        alo, ahi = a.get("accuracy_loss_ci95_pp") or (float("nan"),) * 2
+        return [f"In-process (recorded before one-sided bounds): latency reduction {a['latency_reduction_pct']:.1f} % "
+                f"(two-sided 95 % CI {lo:.1f} … {hi:.1f}); accuracy loss {a['accuracy_loss_pp']:.2f} pp (two-sided "
+                f"95 % CI {alo:.2f} … {ahi:.2f})"]
     lo, hi = a["latency_reduction_bounds95_pct"]
     alo, ahi = a["accuracy_loss_bounds95_pp"]
     energy = ("not measured" if a.get("energy_reduction_pct") is None

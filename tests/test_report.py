@@ -253,3 +253,16 @@ def test_the_report_covers_the_in_process_ablation(recorded_runs, tmp_path, caps
     assert "## In-process ablation" in markdown and "2000 requests per mode" in markdown
     console = capsys.readouterr().out
     assert summary["verdict"].split(" · ")[0] in console.replace("\n", " ")
+
+
+def test_an_ablation_recorded_before_the_bounds_is_reported_as_it_was_recorded():
+    from reports.render import _ablation_lines
+    from reports.verdict import ablation_claims
+
+    legacy = {"latency_reduction_pct": 50.0, "latency_reduction_ci95_pct": [48.0, 52.0], "accuracy_loss_pp": 0.3,
+              "accuracy_loss_ci95_pp": [0.1, 0.5], "standard": {"n_requests": 2000},
+              "claims": [{"name": "latency_reduction", "measured": 50.0, "passed": True},
+                         {"name": "accuracy_loss", "measured": 0.3, "passed": False}]}
+    (line,) = _ablation_lines({"ablation": legacy})
+    assert "recorded before one-sided bounds" in line and "two-sided 95 % CI 48.0 … 52.0" in line
+    assert [c["status"] for c in ablation_claims(legacy)] == ["held", "not_held"]
