@@ -35,6 +35,7 @@ from loadtests.schedule import SCHEDULE_FILE, ScheduleError, make_schedule
 from loadtests.shapes import Shape, ShapeParams
 from profilers.profiler import Sampler
 from reports.ablation import print_summary, print_sweep, summarise
+from reports.bounds import STATUS_WORDS
 from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
 from reports.runs import ABLATION_FILE
@@ -207,9 +208,8 @@ def _calibration(spec, config, args, backend):
 
 
 def _in_process_verdict(summary: dict, interrupted: bool = False) -> str:
-    words = {"held": "held", "not_held": "not held", "inconclusive": "inconclusive"}
     parts = [f"{word}: in-process " + ", in-process ".join(c["name"] for c in summary["claims"] if c["status"] == status)
-             for status, word in words.items() if any(c["status"] == status for c in summary["claims"])]
+             for status, word in STATUS_WORDS.items() if any(c["status"] == status for c in summary["claims"])]
     parts += ["decided on one-sided 95 % bounds",
               "load test interrupted: nothing judged under load" if interrupted else
               "no load test (--no-load): nothing judged under load"]

@@ -6,8 +6,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from reports.bounds import (HELD, INCONCLUSIVE, NOT_HELD, accuracy_loss_bounds, decide_at_least, decide_at_most,
-                            n_to_decide_at_least, ratio_reduction_bounds, rows_to_decide_loss)
+from reports.bounds import (HELD, INCONCLUSIVE, NOT_HELD, STATUS_WORDS, accuracy_loss_bounds, decide_at_least,
+                            decide_at_most, n_to_decide_at_least, ratio_reduction_bounds, rows_to_decide_loss)
 from reports.stats import latency_summary, mean_reduction_pct
 
 # The paper's Table III (DistilBERT, SST-2, batch 1, A100).
@@ -17,7 +17,6 @@ PAPER_ADMISSION_RATE = 0.58
 # Claims compare with this tolerance: a loss of 0.5000000000000004 pp is 0.5 pp, not a miss.
 CLAIM_TOLERANCE = 1e-9
 NO_ANSWER_ACTIONS = ("reject", "shed")  # the controller refused: no answer, no model time
-STATUS_WORDS = {HELD: "held", NOT_HELD: "not held", INCONCLUSIVE: "inconclusive"}
 
 
 def energy_figures(run) -> dict:
@@ -82,10 +81,6 @@ def undecided_text(claim: dict) -> str:
         n = claim["blocks_to_decide"]
         return ("no feasible number of blocks decides it" if n is None else
                 f"about {n:,} interleaved time blocks would decide it")
-    if "replicates_to_decide" in claim:
-        n = claim["replicates_to_decide"]
-        return ("no feasible number of replicates decides it" if n is None else
-                f"about {n} replicates (--repeats) would decide it")
     return ""
 
 
@@ -104,7 +99,7 @@ def summarise(result, provider: str, model: str, config: dict) -> dict:
         answered = np.ones(len(bio_latency), dtype=bool)  # nothing answered: the figures say so via n
     reduction = mean_reduction_pct(std_latency[answered], bio_latency[answered])
     # Over the interleaved time blocks: machine drift moves a whole block, so a block is the unit.
-    block_requests = getattr(result, "block_requests", 64)
+    block_requests = result.block_requests
     blocks = np.arange(len(bio_latency)) // block_requests
     reduction_bounds = list(ratio_reduction_bounds(std_latency[answered], bio_latency[answered], blocks[answered]))
     n_blocks = int(len(np.unique(blocks[answered])))

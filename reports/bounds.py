@@ -31,30 +31,16 @@ import math
 import numpy as np
 from scipy import stats as scipy_stats
 
+from targets.binomial_bounds import clopper_pearson_lower, clopper_pearson_upper
+
 ALPHA = 0.05  # one-sided: each bound holds with probability >= 95 %
 BOOTSTRAP_RESAMPLES = 2000
 HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURABLE = "held", "not_held", "inconclusive", "not_measurable"
+STATUS_WORDS = {HELD: "held", NOT_HELD: "not held", INCONCLUSIVE: "inconclusive", NOT_MEASURABLE: "not measurable"}
 MAX_SCALE = 1e4  # n to decide: beyond this many times the data, "no feasible n"
 
 
 # --- exact binomial bounds ---------------------------------------------------------------------
-
-def clopper_pearson_upper(events: float, n: float, alpha: float = ALPHA) -> float:
-    """Exact one-sided upper bound of a proportion: ``events`` in ``n`` trials (both may be
-    fractional, e.g. shares of repeated rows; the Beta form of Clopper–Pearson)."""
-    if n <= 0:
-        return 1.0
-    if events >= n:
-        return 1.0
-    return float(scipy_stats.beta.ppf(1.0 - alpha, events + 1.0, n - events))
-
-
-def clopper_pearson_lower(events: float, n: float, alpha: float = ALPHA) -> float:
-    """Exact one-sided lower bound of a proportion (0 when no event was seen)."""
-    if n <= 0 or events <= 0:
-        return 0.0
-    return float(scipy_stats.beta.ppf(alpha, events, n - events + 1.0))
-
 
 def paired_loss_counts(full_correct: np.ndarray, bio_correct: np.ndarray, rows: np.ndarray) -> tuple[float, float, int]:
     """Rows harmed and rows fixed (each row weighted by the share of its requests that were), and

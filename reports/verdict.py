@@ -26,13 +26,12 @@ import numpy as np
 from reports.ablation import CLAIM_TOLERANCE, PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT, undecided_text
 from reports.records import ANSWERED, REJECTED, outcome, phase_summary, request_figures
 from reports.runs import Run
-from reports.bounds import (ALPHA, HELD, INCONCLUSIVE, NOT_HELD, NOT_MEASURABLE, accuracy_loss_bounds,
+from reports.bounds import (ALPHA, HELD, INCONCLUSIVE, NOT_HELD, NOT_MEASURABLE, STATUS_WORDS, accuracy_loss_bounds,
                             decide_at_least, decide_at_most, n_to_decide_at_least, ratio_reduction_bounds,
                             replicate_bounds, rows_to_decide_loss, wider)
 from reports.stats import independent_bootstrap_ci, reduction_pct
 
 PAIRING_BLOCK_S = 1.0  # under load, the latency bound resamples whole seconds of the schedule (queues carry over)
-STATUS_WORDS = {HELD: "held", NOT_HELD: "not held", INCONCLUSIVE: "inconclusive", NOT_MEASURABLE: "not measurable"}
 MAIN_BIO_NAME = re.compile(r"bio(-r\d+)?")  # bio, bio-r2, bio-r3 …: validate's replicates (bio-<policy>: comparisons)
 REPLICATE_NAME = re.compile(r"(standard|bio)-r\d+")  # the runs of replicates 2, 3, …
 SETTLE_FRACTION = 0.01  # τ counts as settled within 1 % of (τ0 − τ∞) of τ∞, as in the ablation
@@ -467,32 +466,32 @@ def claims(comparison: dict | None) -> list[dict]:
         blocked = "τ(t) never settled: every request is warm-up"
     n = [c["n_standard"], c["n_bio"]]
 
-    def decide(measured, holds):
+    def decide(measured, status_of):
         if blocked:
             return NOT_MEASURABLE, blocked
         if measured is None:
             return NOT_MEASURABLE, "no answered requests after the warm-up"
-        return (HELD if holds(measured) else NOT_HELD), None
+        return status_of(measured), None
 
     latency = c["latency_reduction_pct"]
     loss = c["accuracy_loss_pp"]
     latency_bounds, loss_bounds = c["latency_reduction_bounds95_pct"], c.get("accuracy_loss_bounds95_pp")
-    status_l, reason_l = decide(latency, lambda v: True)
-    if status_l == HELD:  # decided on the bounds, never on the point
-        status_l = decide_at_least(latency_bounds, PAPER_LATENCY_REDUCTION_PCT, CLAIM_TOLERANCE)
+    # Latency and accuracy are decided on their bounds, never on the point.
+    status_l, reason_l = decide(latency, lambda _: decide_at_least(latency_bounds, PAPER_LATENCY_REDUCTION_PCT,
+                                                                   CLAIM_TOLERANCE))
+    if status_l != NOT_MEASURABLE:
         reason_l = _latency_reason(c, status_l)
-    status_a, reason_a = decide(loss, lambda v: True)
-    if status_a == HELD:
-        status_a = decide_at_most(loss_bounds, PAPER_ACCURACY_LOSS_PP, CLAIM_TOLERANCE)
-        if status_a == INCONCLUSIVE and c.get("accuracy_loss_detail"):
-            rows = rows_to_decide_loss(c["accuracy_loss_detail"], PAPER_ACCURACY_LOSS_PP)
-            reason_a = ("the estimate sits on the target: no feasible number of rows decides it" if rows is None else
-                        f"about {rows:,} evaluation rows would decide it, {c['accuracy_loss_detail']['n_rows']:,} now")
+    status_a, reason_a = decide(loss, lambda _: decide_at_most(loss_bounds, PAPER_ACCURACY_LOSS_PP, CLAIM_TOLERANCE))
+    if status_a == INCONCLUSIVE and c.get("accuracy_loss_detail"):
+        detail = c["accuracy_loss_detail"]
+        reason_a = undecided_text({"rows_to_decide": rows_to_decide_loss(detail, PAPER_ACCURACY_LOSS_PP),
+                                   "n_rows": detail["n_rows"]})
     if not blocked and loss is not None and not c.get("accuracy_paired"):
         reason_a = "unpaired (the runs carry no reference answers)"
     energy = c["energy_reduction_pct"]
     if energy is not None and not is_estimate(c["energy_source"]):
-        status_e, reason_e = decide(energy, lambda v: v > CLAIM_TOLERANCE)  # no interval: a point, stated as such
+        # No interval: a point, stated as such.
+        status_e, reason_e = decide(energy, lambda v: HELD if v > CLAIM_TOLERANCE else NOT_HELD)
         if c.get("energy_includes_load_generator"):
             reason_e = (reason_e + "; " if reason_e else "") + "includes the load generator's own energy"
     else:

@@ -39,7 +39,8 @@ import numpy as np
 
 from targets.calibration import (LadderOutputs, NO_CHANGE_RULE_NAME, NO_CHANGE_RULE_VERSION, RULE_NAME, RULE_VERSION,
                                  calibrate_exits, no_change_cuts)
-from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION, binomial_cdf, calibrate_budget
+from targets.binomial_bounds import clopper_pearson
+from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION, calibrate_budget
 from targets.controller import uncertainty
 from targets.errors import ConfigError
 
@@ -181,27 +182,6 @@ def score(pool: Pool, rows: np.ndarray, thresholds, stage_cost, full_cost: float
     return {"loss_pp": 100.0 * (pool.full_right[rows].mean() - right.mean()),
             "saving_pct": 100.0 * (1.0 - cumulative[depth].mean() / full_cost),
             "mean_stages": float(depth.mean() + 1), "exit_rate": float((depth < pool.n_exits).mean())}
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact two-sided interval for a binomial proportion k/n (bisection on the binomial tail)."""
-    alpha = 1.0 - level
-
-    def solve(target, upper: bool):
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            # upper bound p: P(X ≤ k | p) = α/2; lower bound p: P(X ≥ k | p) = α/2
-            value = binomial_cdf(k, n, mid) if upper else 1.0 - binomial_cdf(k - 1, n, mid)
-            if (value > target) == upper:
-                lo = mid
-            else:
-                hi = mid
-        return (lo + hi) / 2
-
-    lower = 0.0 if k == 0 else solve(alpha / 2, upper=False)
-    upper = 1.0 if k == n else solve(alpha / 2, upper=True)
-    return lower, upper
 
 
 def _spread(values: np.ndarray) -> dict:

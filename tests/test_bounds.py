@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from green_mlops.validate import replicate_plan
-from reports.bounds import (INCONCLUSIVE, accuracy_loss_bounds, clopper_pearson_upper, decide_at_least, decide_at_most,
+from reports.bounds import (ALPHA, INCONCLUSIVE, accuracy_loss_bounds, decide_at_least, decide_at_most,
                             exact_loss_bounds, ratio_reduction_bounds, replicate_bounds, rows_to_decide_loss)
+from targets.binomial_bounds import clopper_pearson_upper
 from reports.verdict import build_summary, replicate_pairs
 from tests.test_verdict_load import RULES, records, run
 
@@ -64,7 +65,7 @@ def test_zero_events_never_give_a_zero_width_interval():
     assert loss["accuracy_loss_pp"] == 0.0 and lo < 0.0 < hi
     # No harm in 540 rows: the exact bound is 1 − 0.025^(1/540) (the 5 % risk split between harms and fixes).
     assert hi == pytest.approx(100 * (1 - 0.025 ** (1 / 540)), rel=1e-6)
-    assert clopper_pearson_upper(0, 540) == pytest.approx(1 - 0.05 ** (1 / 540), rel=1e-9)
+    assert clopper_pearson_upper(0, 540, ALPHA) == pytest.approx(1 - 0.05 ** (1 / 540), rel=1e-9)
     assert decide_at_most((lo, hi), 0.5) == INCONCLUSIVE  # 540 rows cannot show ≤ 0.5 pp, even with no harm
     assert rows_to_decide_loss(loss, 0.5) == pytest.approx(np.log(0.025) / np.log(1 - 0.005), rel=0.02)
 
