@@ -78,6 +78,17 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overload-action", dest="overload_action", choices=("reject", "queue"),
                        help="budget policy, SLO unmet at the certified ceiling: 'reject' sheds (503), "
                             "'queue' waits in the gateway's bounded queue; default reject")
+    group.add_argument("--spend", choices=("ceiling", "adaptive"),
+                       help="budget policy: 'ceiling' rests at the certified ceiling (the most saving the budget "
+                            "allows); 'adaptive' rests mid-path and lets congestion, energy and the SLO push it up "
+                            "(default: ceiling for validate, adaptive for serve)")
+    group.add_argument("--budget-loss", dest="budget_loss", choices=("harm", "net"),
+                       help="budget policy: certify the rows harmed ('harm', default) or harmed minus fixed "
+                            "('net', the accuracy gap itself)")
+    group.add_argument("--budget-path", dest="budget_path", choices=("auto", "per-exit", "shared"),
+                       help="budget policy: the certified family: per-exit thresholds screened on a third of the "
+                            "validation split, one threshold shared by every exit, or 'auto' (default: per-exit "
+                            "when the split is large enough)")
 
 
 def _add_mlflow_flags(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +263,10 @@ def _parser() -> argparse.ArgumentParser:
     crossval.add_argument("--scheme", choices=("resplit", "kfold"), default="resplit",
                           help="resplit: R random splits, each rule fitted on as many rows as the validation split "
                                "and scored on the rest (default); kfold: K folds, repeated R times")
+    crossval.add_argument("--pool", choices=("all", "validation"), default="all",
+                          help="the rows re-split: 'all' (validation ∪ held-out, default) or 'validation' alone, the "
+                               "held-out set untouched (compare rules here before any held-out figure); with "
+                               "'validation' a re-split fits on two thirds")
     crossval.add_argument("--folds", type=_positive_int, default=5, help="kfold: folds per repetition, default 5")
     crossval.add_argument("--repeats", type=_positive_int,
                           help="resplit: splits (default 200); kfold: repetitions of the K folds (default 20)")
@@ -303,6 +318,8 @@ def _run_serve(args) -> int:
 
     from green_mlops.models import resolve_model
     from targets.gateway import GatewaySettings, create_app
+    from targets.budget_policy import DEFAULT_SERVE_SPEND
+    from targets.controller_config import read_toml
     from targets.make_controller import make_controller
     from targets.cpus import cpu_list, serving_threads
     from targets.ort_target import OnnxRuntimeTarget
@@ -315,6 +332,8 @@ def _run_serve(args) -> int:
     intra_op_threads = args.intra_op_threads or serving_threads()
     backend = OnnxRuntimeTarget(spec, device=args.device, intra_op_threads=intra_op_threads)
     # Calibration (and the budget policy's certificate) run in-process on the validation split.
+    if args.spend is None and (args.config is None or "spend" not in read_toml(args.config)):
+        args.spend = DEFAULT_SERVE_SPEND
     controller = None if args.controller == "off" else make_controller(
         controller_config(args, spec, backend), spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
     if args.backend == "triton":

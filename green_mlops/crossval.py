@@ -87,9 +87,13 @@ def run_crossval(args) -> int:
     rules = standard_rules(args.accuracy_budget_pp, args.risk)  # checks the budget flags before any work
     spec = resolve_model(args.model)
     x_val, y_val = spec.load_validation()
-    x_eval, y_eval = spec.load_eval()
-    split_list = splits(len(y_val) + len(y_eval), args.scheme, repeats, args.seed, n_fit=len(y_val),
-                        folds=args.folds)
+    if args.pool == "validation":  # the held-out set stays sealed: two thirds fit, one third scores
+        x_eval, y_eval = x_val[:0], y_val[:0]
+        n_fit = (2 * len(y_val)) // 3
+    else:
+        x_eval, y_eval = spec.load_eval()
+        n_fit = len(y_val)
+    split_list = splits(len(y_val) + len(y_eval), args.scheme, repeats, args.seed, n_fit=n_fit, folds=args.folds)
     backend = OnnxRuntimeTarget(spec, device="cpu")
     x = pool_inputs(x_val, x_eval, spec.tokenizer_pad_id)
     stderr.print(f"crossval: model {spec.name}; running {spec.n_stages} stages once over {len(x)} rows "
@@ -98,13 +102,14 @@ def run_crossval(args) -> int:
     costs, full_cost, cost_source = stage_costs(spec, backend, x, args.costs)
     results = crossval(pool, rules, split_list, costs, full_cost, args.loss_target_pp)
     fit_rows = len(split_list[0][0])
-    scheme = (f"{repeats} random re-splits, fitted on {fit_rows} rows (the validation size), scored on "
+    scheme = (f"{repeats} random re-splits, fitted on {fit_rows} rows"
+              f"{' (the validation size)' if args.pool == 'all' else ''}, scored on "
               f"{len(x) - fit_rows}" if args.scheme == "resplit" else
               f"{args.folds}-fold × {repeats} repetitions ({len(split_list)} folds), fitted on about {fit_rows} rows")
     document = {
         "model": spec.name, "directory": str(spec.directory), "split_seed": spec.split_seed,
         "heldout_digest": spec.heldout_digest, "measure": args.uncertainty,
-        "pool": {"validation": len(y_val), "heldout": len(y_eval)},
+        "pool": {"validation": len(y_val), "heldout": len(y_eval)}, "pool_rows": args.pool,
         "scheme": args.scheme, "folds": args.folds if args.scheme == "kfold" else None, "repeats": repeats,
         "seed": args.seed, "splits": len(split_list), "fit_rows": fit_rows,
         "costs": {"source": cost_source, "stage": costs, "standard": full_cost,

@@ -69,11 +69,17 @@ DEFAULT_VALIDATE_POLICY = "budget"  # validate's default: the controller that ho
 def budget_lines(budget: dict) -> list[str]:
     """The budget policy's certificate, in words."""
     cert = budget["certificate"]
+    path = ("per-exit thresholds, screened on {} validation rows and tested on {}".format(cert["n_screen"], cert["n_test"])
+            if cert["path"] == "per-exit" else f"one threshold shared by every exit, tested on {cert['n_test']} rows")
+    loss = "rows harmed" if cert["loss"] == "harm" else "rows harmed minus rows fixed (the accuracy gap)"
+    ceiling = ", ".join(f"{t:.3f}" for t in cert["ceiling_thresholds"])
     return [f"budget policy: accuracy loss ≤ {cert['budget_pp']:g} pp against the full model with probability "
-            f"≥ {1 - cert['risk_delta']:g} (Learn-then-Test, {cert['n_calibration']} validation rows; the smallest "
-            f"budget they can certify is {cert['smallest_certifiable_budget_pp']:.2f} pp)",
-            f"certified exit threshold u < {cert['threshold']:.3f} at every exit; on the validation split "
-            f"{100 * cert['exit_rate']:.1f} % leave early, depth histogram {cert['depth_histogram']}"]
+            f"≥ {1 - cert['risk_delta']:g}, for every point of the certified path up to its ceiling "
+            f"(Learn-then-Test, fixed sequence; {path}; risk: {loss}; the smallest budget the test rows can "
+            f"certify is {cert['smallest_certifiable_budget_pp']:.2f} pp)",
+            f"certified ceiling: point {cert['ceiling_index']} of {cert['path_points']}, exit thresholds u < ({ceiling}); "
+            f"on the test rows {100 * cert['exit_rate']:.1f} % leave early, depth histogram {cert['depth_histogram']}; "
+            f"spend {budget['spend']}"]
 
 
 def run_validate(args) -> int:

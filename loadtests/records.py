@@ -14,11 +14,13 @@ otherwise), ``offset_s`` (``t_intended`` after the schedule's start), ``t_sent``
 request got its connection, i.e. went on the wire; None if it never did), ``latency_ms`` (from
 ``t_intended`` to the answer), ``service_ms`` (from ``t_sent``), ``late`` (on the wire more than
 ``late_ms`` after ``t_intended``), ``status`` (0: no HTTP status), ``admitted``, ``action``,
-``tau``, ``u``, ``threshold`` (budget policy: the exit threshold u was compared with), ``stage``
+``tau``, ``u``, ``threshold`` (budget policy: the exit threshold u was compared with),
+``path_index`` (budget policy: the point of the certified path the request ran), ``stage``
 (where the row left the ladder: 1 … N, N being the full model; 0 when shed), ``exit`` (the exit of the
 last decision), ``phase`` and ``source`` (which Locust process sent it). With the budget policy's
 SLO loop on, every record also holds the loop's state when the gateway answered: ``slo_p95_ms``
-(the target), ``slo_seen_p95_ms`` (the recent p95 it acted on), ``slo_threshold`` and
+(the target), ``slo_seen_p95_ms`` (the recent p95 it acted on), ``slo_threshold`` (its level on the
+certified path, 0 … 1) and
 ``shed_probability``; these are None otherwise.
 """
 from __future__ import annotations

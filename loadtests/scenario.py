@@ -548,7 +548,7 @@ class _InferUser(FastHttpUser):
                   "offset_s": t_ref - zero, "phase": self.shape.phase_at(t_ref - zero), "source": self.source,
                   "status": 0, "outcome": "cut_off", "reason": "not yet on the wire when the run ended",
                   "admitted": False, "action": None, "correct": False, "predicted": None, "tau": None, "u": None, "threshold": None,
-                  "stage": None, "exit": None, **dict.fromkeys(SLO_FIELDS), "latency_ms": None, "service_ms": None, "late": False}
+                  "path_index": None, "stage": None, "exit": None, **dict.fromkeys(SLO_FIELDS), "latency_ms": None, "service_ms": None, "late": False}
         key = id(record)
         RUN.pending[key] = record
         me = id(gevent.getcurrent())
@@ -576,7 +576,7 @@ class _InferUser(FastHttpUser):
                 parameters.get("action", "reject") if outcome == "rejected" else None,
                 correct=outcome == "answered" and predicted == record["label"], predicted=predicted,
                 tau=parameters.get("tau"), u=parameters.get("u"), threshold=parameters.get("threshold"),
-                stage=parameters.get("stage"), exit=parameters.get("exit"),
+                path_index=parameters.get("path_index"), stage=parameters.get("stage"), exit=parameters.get("exit"),
                 **{name: parameters.get(name) for name in SLO_FIELDS})
         except BaseException as exc:  # killed at the end of the run (GreenletExit), or interrupted
             sent_s = _WIRE_S.pop(me, None)

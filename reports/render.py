@@ -174,8 +174,8 @@ def _comparison_lines(summary: dict) -> list[str]:
     return lines
 
 
-POLICY_HEADER = ["run", "policy", "latency reduction %", "accuracy loss pp (one-sided 95 % bounds)", "accuracy spent on answers pp",
-                 "budget pp (held)", "p95 ms / SLO ms (held)", "admitted", "shed"]
+POLICY_HEADER = ["run", "policy", "latency reduction %", "accuracy loss pp (one-sided 95 % bounds)", "accuracy spent pp (shed and rejected lost)",
+                 "on answers alone pp", "budget pp (held)", "p95 ms / SLO ms (held)", "admitted", "shed"]
 
 
 def _yes_no(value) -> str:
@@ -194,7 +194,7 @@ def _policy_rows(summary: dict) -> list[list[str]]:
                f"{_num(row['p95_ms'], '.1f')} / {row['slo_p95_ms']:g} ({_yes_no(row['held_slo'])})")
         shed = f"{row['shed']} ({_pct(row['shed_rate'])})"
         rows.append([row["run"], row["policy"], _num(row["latency_reduction_pct"]), loss,
-                     _num(row["accuracy_spent_pp"]), budget, slo, _pct(row["admission_rate"]), shed])
+                     _num(row["accuracy_spent_pp"]), _num(row.get("accuracy_spent_answered_pp")), budget, slo, _pct(row["admission_rate"]), shed])
     return rows
 
 

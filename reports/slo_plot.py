@@ -1,5 +1,5 @@
-"""The budget policy over time: p95 against the latency SLO, the shed rate, and the exit threshold
-against the certified ceiling (the budget line), per second of each bio run's schedule.
+"""The budget policy over time: p95 against the latency SLO, the shed rate, and the level on the
+certified path (0 strict … 1 the certified ceiling, the budget line), per second of each bio run's schedule.
 
 Reads only the runs' records and metadata (see :mod:`loadtests.records` for the SLO fields every
 record carries when the SLO loop is on): never re-runs a model.
@@ -24,7 +24,8 @@ def shows_slo(run: Run) -> bool:
 def per_second(run: Run) -> dict:
     """Per second of the schedule (from its first intended send): the p95 of answered requests as
     the client measured them, the mean p95 the SLO loop acted on, the share of requests sent that
-    second which were shed, the mean shed probability and the mean exit threshold applied."""
+    second which were shed, the mean shed probability and the mean level on the certified path
+    (``path_index`` over the ceiling's index, from the run's controller state; NaN without it)."""
     timed = [r for r in run.records if r.get("t_intended") is not None]
     if not timed:
         return {"second": np.array([], dtype=int)}
@@ -35,7 +36,8 @@ def per_second(run: Run) -> dict:
     def mean_of(field: str) -> list[float]:
         out = []
         for x in xs:
-            values = [r[field] for r, s in zip(timed, second) if s == x and r.get(field) is not None]
+            values = [r[field] for r, s in zip(timed, second)  # numbers only: a multi-row request joins them
+                      if s == x and isinstance(r.get(field), (int, float)) and not isinstance(r.get(field), bool)]
             out.append(float(np.mean(values)) if values else np.nan)
         return out
 
@@ -44,9 +46,11 @@ def per_second(run: Run) -> dict:
         latency = [r["latency_ms"] for r, s in zip(timed, second) if s == x and outcome(r) == ANSWERED]
         p95.append(float(np.percentile(latency, 95)) if latency else np.nan)
     shed = [float(np.mean([r.get("action") == "shed" for r, s in zip(timed, second) if s == x])) for x in xs]
+    ceiling_index = _budget_state(run).get("ceiling_index")
+    levels = np.array(mean_of("path_index")) / ceiling_index if ceiling_index else np.full(len(xs), np.nan)
     return {"second": xs, "p95_ms": np.array(p95), "seen_p95_ms": np.array(mean_of("slo_seen_p95_ms")),
             "shed_rate": np.array(shed), "shed_probability": np.array(mean_of("shed_probability")),
-            "threshold": np.array(mean_of("threshold"))}
+            "level": levels}
 
 
 def slo_over_time(runs: list[Run]) -> bytes | None:
@@ -57,7 +61,7 @@ def slo_over_time(runs: list[Run]) -> bytes | None:
 
     plt = _pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
-    slo_lines, ceilings = set(), set()
+    slo_lines = set()
     for i, run in enumerate(runs):
         if run.scenario != "bio":
             continue
@@ -72,23 +76,20 @@ def slo_over_time(runs: list[Run]) -> bytes | None:
         if not np.all(np.isnan(series["shed_probability"])):
             axes[1].plot(xs, 100 * series["shed_probability"], color=colour, ls=":",
                          label=f"{run.name} shed probability")
-        if not np.all(np.isnan(series["threshold"])):
-            axes[2].plot(xs, series["threshold"], color=colour, label=f"{run.name} exit threshold")
+        if not np.all(np.isnan(series["level"])):
+            axes[2].plot(xs, series["level"], color=colour, label=f"{run.name} level on the certified path")
         state = _budget_state(run)
         if (state.get("slo") or {}).get("slo_p95_ms"):
             slo_lines.add(float(state["slo"]["slo_p95_ms"]))
-        if state.get("ceiling") is not None:
-            ceilings.add(float(state["ceiling"]))
     for slo in sorted(slo_lines):
         axes[0].axhline(slo, color="crimson", ls="--", lw=1, label=f"SLO p95 {slo:g} ms")
-    for ceiling in sorted(ceilings):
-        axes[2].axhline(ceiling, color="crimson", ls="--", lw=1,
-                        label=f"certified ceiling λ̂ {ceiling:.3f} (the budget line)")
-    for ax, label in zip(axes, ("latency p95 (ms)", "shed (% of requests sent)", "exit threshold λ")):
+    if any(_budget_state(run).get("ceiling_index") is not None for run in runs):
+        axes[2].axhline(1.0, color="crimson", ls="--", lw=1, label="certified ceiling (the budget line)")
+    for ax, label in zip(axes, ("latency p95 (ms)", "shed (% of requests sent)", "level on the path")):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[-1].set_xlabel("seconds since the run started")
-    fig.suptitle("Budget policy over time: p95 against the SLO, shedding, and the threshold under its ceiling")
+    fig.suptitle("Budget policy over time: p95 against the SLO, shedding, and the level on the certified path")
     return _png(fig)

@@ -317,13 +317,16 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
         slo = budget.get("slo") or {}
         budget_pp = certificate.get("budget_pp")
         loss = c.get("accuracy_loss_pp")
-        # Accuracy the controller spent: the paired loss over answered requests only (shed and
-        # rejected requests are counted apart, and scored as wrong in the claims).
-        answered = None
+        # Accuracy the controller spent, refusals inside the promise: the paired loss over every
+        # scored request, a shed or rejected one scored wrong (the certificate assumes every row
+        # gets an answer); the loss over answers alone is kept beside it.
+        spent_all = answered = None
         if bio.reference or standard.reference:
-            measured = [r for r in _measured(bio, c["warmup_s"] or 0.0) if outcome(r) == ANSWERED]
-            answered = _paired_accuracy(measured, bio.reference or standard.reference)
-        spent = None if answered is None else answered["accuracy_loss_pp"]
+            reference = bio.reference or standard.reference
+            measured = _measured(bio, c["warmup_s"] or 0.0)
+            spent_all = _paired_accuracy(measured, reference)
+            answered = _paired_accuracy([r for r in measured if outcome(r) == ANSWERED], reference)
+        spent = None if spent_all is None else spent_all["accuracy_loss_pp"]
         bio_p95 = request_figures(_measured(bio, c["warmup_s"] or 0.0))["p95_ms"]
         shed = sum(1 for r in bio.records if r.get("action") == "shed")
         rows.append({
@@ -336,10 +339,12 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
             "budget_pp": budget_pp, "certified": certificate.get("certified"),
             "smallest_certifiable_budget_pp": certificate.get("smallest_certifiable_budget_pp"),
             "accuracy_spent_pp": spent,
-            "accuracy_spent_bounds95_pp": None if answered is None else answered["accuracy_loss_bounds95_pp"],
+            "accuracy_spent_bounds95_pp": None if spent_all is None else spent_all["accuracy_loss_bounds95_pp"],
+            "refused_scored_wrong": None if spent_all is None else spent_all["rejected_scored_wrong"],
+            "accuracy_spent_answered_pp": None if answered is None else answered["accuracy_loss_pp"],
             # Decided on the bounds: held when the upper bound of the spent accuracy is within budget.
             "budget_status": None if budget_pp is None or spent is None else
-            decide_at_most(answered["accuracy_loss_bounds95_pp"], budget_pp, CLAIM_TOLERANCE),
+            decide_at_most(spent_all["accuracy_loss_bounds95_pp"], budget_pp, CLAIM_TOLERANCE),
             "slo_p95_ms": slo.get("slo_p95_ms"), "p95_ms": bio_p95,
             "held_slo": None if not slo.get("slo_p95_ms") or bio_p95 is None else bio_p95 <= slo["slo_p95_ms"],
             "slo_unreachable_periods": slo.get("unreachable"), "slo_violated_periods": slo.get("violations"),
@@ -647,8 +652,12 @@ def _promise_text(row: dict) -> str:
     SLO not held (p95 6.4 > 1 ms, 81.7 % shed)``)."""
     spent = row["accuracy_spent_pp"]
     lo, hi = row["accuracy_spent_bounds95_pp"]
+    refused = row.get("refused_scored_wrong")
+    refusals = (f"; {refused} shed or rejected, counted as lost" + (
+        "" if row.get("accuracy_spent_answered_pp") is None else
+        f"; answers alone {row['accuracy_spent_answered_pp']:.2f} pp") if refused else "")
     words = [f"budget {STATUS_WORDS[row['budget_status']]} (spent {spent:.2f} pp, one-sided 95 % bounds "
-             f"{lo:.2f} … {hi:.2f}, against {row['budget_pp']:g} pp)"]
+             f"{lo:.2f} … {hi:.2f}, against {row['budget_pp']:g} pp{refusals})"]
     if row.get("held_slo") is not None:
         shed = "" if not row.get("shed_rate") else f", {100 * row['shed_rate']:.1f} % shed"
         if not row["held_slo"] and row.get("slo_unreachable_periods"):

@@ -1,19 +1,25 @@
-"""The `budget` policy: the paper's J ≤ τ(t) decision, held inside a certified accuracy budget.
+"""The `budget` policy: the paper's J ≤ τ(t) decision, moving along a certified path.
 
 The paper's controller (policy `paper`) lets congestion and energy push J above τ without limit:
 under load it skips nearly everything and spends accuracy nobody agreed to. The `budget` policy
-keeps the same formula but bounds what it may do:
+keeps the same signals but lets them choose only among vectors the certificate covers:
 
-* The certified ceiling λ̂ (see :mod:`targets.certify`) is the loosest exit threshold for which
-  the accuracy loss against the full model is at most the budget with probability ≥ 1 − δ. A row
-  may leave early only if its uncertainty u < λ̂, whatever J says.
-* Below that ceiling, J decides as in the paper: a row leaves when J > τ(t), i.e. when
-  u < λ_J = 1 − (τ(t) − β·ê − γ·ĉ)/α. Congestion and energy loosen λ_J, up to λ̂ and no further.
-* With a latency SLO, an AIMD loop (:mod:`targets.slo_loop`) may loosen the threshold further,
-  again only up to λ̂; when p95 still exceeds the SLO at λ̂, load is shed explicitly with the
-  overload action instead of silently spending more accuracy: `reject` sheds (503 + Retry-After
-  before any model work, counted, scored as wrong by the report); `queue` sheds nothing and lets
-  the gateway's bounded queue (`--max-queue`) hold the excess, answering 503 past its bound.
+* The certified path (see :mod:`targets.certified_path`) is an ordered list of per-exit threshold
+  vectors, strict to loose, every point up to the *ceiling* certified at once: with probability
+  ≥ 1 − δ the accuracy loss against the full model of each is at most the budget.
+* The controller sets a *level* on that path, 0 (strict) … 1 (the ceiling), from the paper's rule
+  in threshold form: λ_J = 1 − (τ(t) − β·ê − γ·ĉ)/α, clipped to [0, 1]. Congestion and energy
+  raise it, the decay of τ(t) from τ0 to τ∞ opens it after warm-up; τ∞ sets where it rests when
+  ĉ = ê = 0 (the *spend* mode, :data:`SPEND_MODES`). The level picks a point (rounding down, so
+  never past the ceiling) once per request, and every exit of that request uses that point's
+  threshold: the request runs a vector of the path, never a mix of two.
+* With a latency SLO, an AIMD loop (:mod:`targets.slo_loop`) holds its own level; the level used
+  is the larger of the two, so the loop may loosen towards the ceiling and no further, and it
+  tightens again when p95 is well under the SLO. When p95 still exceeds the SLO at the ceiling,
+  load is shed explicitly with the overload action instead of silently spending more accuracy:
+  `reject` sheds (503 + Retry-After before any model work, counted, and counted against the budget
+  by the report); `queue` sheds nothing and lets the gateway's bounded queue (`--max-queue`) hold
+  the excess, answering 503 past its bound.
 """
 from __future__ import annotations
 
@@ -21,45 +27,68 @@ import math
 import random
 import threading
 
-from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION, THRESHOLD_GRID, BudgetCalibration
-from targets.controller_config import OVERLOAD_ACTIONS
+from targets.certified_path import PathCalibration
+from targets.controller_config import OVERLOAD_ACTIONS, SPEND_MODES
 from targets.errors import ConfigError
 from targets.slo_loop import SloLoop
 
-GRID_STEP = float(THRESHOLD_GRID[1] - THRESHOLD_GRID[0])
+ADAPTIVE_IDLE_LEVEL = 0.5
+"""``--spend adaptive``: the level the controller rests at with spare capacity and cheap energy
+(ĉ = ê = 0): the middle of the certified path; congestion (γ·ĉ) and energy (β·ê) push it to the
+ceiling. ``--spend ceiling`` rests at 1, the ceiling: the most saving the budget allows."""
+
+
+DEFAULT_SERVE_SPEND = "adaptive"
+"""`serve`'s default: a server spends accuracy when it buys something (congestion, energy, an SLO)
+and rests mid-path otherwise; `validate` defaults to the config's ``ceiling``, since its job is to
+measure what the budget can buy."""
+
+
+def idle_level(spend: str) -> float:
+    """Where ``spend`` rests on the path when ĉ = ê = 0 (1: the ceiling)."""
+    if spend not in SPEND_MODES:
+        raise ConfigError(f"--spend must be one of {', '.join(SPEND_MODES)}, got '{spend}'")
+    return 1.0 if spend == "ceiling" else ADAPTIVE_IDLE_LEVEL
 
 
 class BudgetPolicy:
-    """Clamp of the exit threshold at the certified ceiling, the SLO loop, and the shed decision."""
+    """The certified path, the level the controller sits at on it, the SLO loop and the shed decision."""
 
-    def __init__(self, calibration: BudgetCalibration, slo_p95_ms: float | None = None,
-                 overload_action: str = "reject", seed: int = 0):
-        if calibration.threshold is None:
-            cert = calibration.certificate
+    def __init__(self, calibration: PathCalibration, slo_p95_ms: float | None = None,
+                 overload_action: str = "reject", seed: int = 0, spend: str = "ceiling"):
+        if not calibration.certified:
             raise ConfigError(
-                f"the validation split ({cert.n} rows) cannot certify an accuracy budget of "
-                f"{100 * cert.budget:g} pp at risk {cert.delta:g}: the smallest it can certify is "
-                f"{100 * cert.smallest_certifiable:.2f} pp (raise --accuracy-budget-pp or --risk, or "
+                f"the validation split ({calibration.n_validation} rows, {calibration.n_test} of them testing the "
+                f"{calibration.kind} path) cannot certify an accuracy budget of {100 * calibration.budget:g} pp at "
+                f"risk {calibration.delta:g}: the smallest its test rows can certify is "
+                f"{100 * calibration.smallest_certifiable:.2f} pp (raise --accuracy-budget-pp or --risk, or "
                 f"use a model with a larger validation split)")
         if overload_action not in OVERLOAD_ACTIONS:
             raise ConfigError(f"--overload-action must be one of {', '.join(OVERLOAD_ACTIONS)}, got '{overload_action}'")
+        self.spend = spend
+        idle_level(spend)
         self.calibration = calibration
-        self.ceiling = float(calibration.threshold)
+        self.ceiling = calibration.ceiling_thresholds
+        self.ceiling_index = calibration.ceiling
         self.overload_action = overload_action
-        self.loop = SloLoop(slo_p95_ms=slo_p95_ms, ceiling=self.ceiling) if slo_p95_ms else None
+        self.loop = SloLoop(slo_p95_ms=slo_p95_ms, ceiling=1.0) if slo_p95_ms else None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.shed = 0
         self.clamped = 0
+        self.last_level = 0.0
+        self.last_index = 0
 
-    def leave_threshold(self, lambda_j: float) -> float:
-        """The threshold a row's uncertainty is compared with: λ_J, loosened by the SLO loop, ≤ λ̂."""
-        loosest = lambda_j if self.loop is None else max(lambda_j, self.loop.threshold)
-        if loosest >= self.ceiling:
-            self.clamped += loosest > self.ceiling
-            return self.ceiling
-        # Down to the tested grid: fixed-sequence testing certified every grid point up to λ̂.
-        return math.floor(loosest / GRID_STEP + 1e-9) * GRID_STEP if loosest > 0 else loosest
+    def point(self, lambda_j: float) -> tuple[int, tuple[float, ...]]:
+        """``(index, per-exit thresholds)`` of the path point for the paper's λ_J, raised by the
+        SLO loop's level, at most the ceiling."""
+        level = lambda_j if self.loop is None else max(lambda_j, self.loop.threshold)
+        if not math.isfinite(level):
+            level = 1.0 if level > 0 else 0.0
+        self.clamped += level > 1.0 + 1e-12
+        index, thresholds = self.calibration.thresholds_at(level)
+        self.last_level, self.last_index = min(max(level, 0.0), 1.0), index
+        return index, thresholds
 
     def should_shed(self) -> bool:
         """Whether to shed this request before any work is done (only at the ceiling, SLO violated)."""
@@ -78,8 +107,10 @@ class BudgetPolicy:
                 self.loop.update(p95_ms, service_p95_ms)
 
     def state(self) -> dict:
-        return {"policy": "budget", "ceiling": self.ceiling, "overload_action": self.overload_action,
-                "shed": self.shed, "clamped": self.clamped,
+        return {"policy": "budget", "spend": self.spend, "ceiling": list(self.ceiling),
+                "ceiling_index": self.ceiling_index, "path_points": self.ceiling_index + 1,
+                "level": self.last_level, "path_index": self.last_index,
+                "thresholds": list(self.calibration.points[self.last_index]),
+                "overload_action": self.overload_action, "shed": self.shed, "clamped": self.clamped,
                 "certificate": self.calibration.as_dict(),
-                "certificate_rule": {"rule": CERTIFICATE_NAME, "version": CERTIFICATE_VERSION},
                 "slo": self.loop.state() if self.loop else None}

@@ -240,11 +240,11 @@ def rule_record(spec: ModelSpec, config, explicit_tau_inf: bool = False) -> dict
     rule is its certificate (:data:`targets.certify.CERTIFICATE_NAME`); the paper policy's is
     :data:`RULE_NAME`, or ``"model.json"`` (version None) when the thresholds are stored there, or
     ``"explicit tau_inf"`` when the user set τ∞ under the paper policy. Reads model.json only: nothing is computed."""
-    from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION
+    from targets.certified_path import PATH_NAME, PATH_VERSION
 
     stored = spec.controller_hints.get("calibration") or {}
     if config.policy == "budget":  # its certified ceiling bounds every exit, whatever τ∞ is
-        rule, version = CERTIFICATE_NAME, CERTIFICATE_VERSION
+        rule, version = PATH_NAME, PATH_VERSION
     elif explicit_tau_inf:
         rule, version = "explicit tau_inf", None
     elif config.uncertainty in stored or (config.uncertainty == "entropy" and spec.n_exits == 1
@@ -269,10 +269,11 @@ def calibrator(spec: ModelSpec, backend=None):
     return lambda measure: calibration_for(spec, measure, backend).u_star
 
 
-def budget_calibration_for(spec: ModelSpec, measure: str, budget_pp: float, risk: float, backend=None):
-    """The certified exit threshold of ``spec`` for an accuracy budget (see :mod:`targets.certify`):
-    Learn-then-Test on the validation split, the same threshold at every exit of the ladder."""
-    from targets.certify import calibrate_budget
+def budget_calibration_for(spec: ModelSpec, measure: str, budget_pp: float, risk: float, backend=None,
+                           loss: str = "harm", kind: str = "auto"):
+    """The certified path of ``spec`` for an accuracy budget (see :mod:`targets.certified_path`):
+    screened and tested on the validation split, every stage counted as one."""
+    from targets.certified_path import calibrate_path
 
     if spec.validation_path is None:
         raise ConfigError(f"model '{spec.name}' has no validation split (validation.npz): the budget "
@@ -280,4 +281,4 @@ def budget_calibration_for(spec: ModelSpec, measure: str, budget_pp: float, risk
     outputs, y = _validation_outputs(spec, backend)
     u = np.stack([uncertainty(p, measure) for p in outputs.exits], axis=1)
     exit_answers = np.stack([p.argmax(1) for p in outputs.exits], axis=1)
-    return calibrate_budget(u, exit_answers, outputs.final.argmax(1), y, budget_pp / 100.0, risk)
+    return calibrate_path(u, exit_answers, outputs.final.argmax(1), y, budget_pp / 100.0, risk, loss=loss, kind=kind)

@@ -102,6 +102,7 @@ class ControlledTarget:
         left_at = [n_stages] * n
         running = list(range(n))  # original row of each row of `x`
         x = batch
+        point = controller.path_point()  # budget policy: one point of the certified path per request
         for index in range(n_stages):
             probabilities, hidden = backend.stage(index, x)
             if index == n_stages - 1:
@@ -114,7 +115,7 @@ class ControlledTarget:
             last_exit = index == n_stages - 2
             going_on = []
             for r, i in enumerate(running):
-                decision = controller.decide(float(u[r]), keys[i], index + 1, last_exit)
+                decision = controller.decide(float(u[r]), keys[i], index + 1, last_exit, point)
                 decisions[i] = decision
                 if decision.admitted:
                     going_on.append(r)

@@ -93,6 +93,7 @@ class Decision:
     action: str
     exit_index: int = 1
     threshold: float | None = None  # budget policy: the exit threshold u was compared with (leave iff u < it)
+    path_index: int | None = None  # budget policy: the point of the certified path the request ran
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -203,28 +204,41 @@ class BioController:
                                             float(np.percentile(window[:, 1], 95)))
 
     # --- decisions -----------------------------------------------------------------------
-    def decide(self, u: float, key: bytes | None = None, exit_index: int = 1, last_exit: bool = True) -> Decision:
+    def path_point(self) -> tuple[int, tuple[float, ...]] | None:
+        """Budget policy: the point of the certified path the signals choose now (see
+        :mod:`targets.budget_policy`), ``(index, per-exit thresholds)``; None under the paper policy.
+        Take it once per request and pass it to every :meth:`decide` of that request."""
+        if self.budget is None:
+            return None
+        c = self.config
+        with self._lock:
+            slack = self.tau(self.elapsed_s()) - c.beta * self.energy_norm() - c.gamma * self.congestion()
+            lambda_j = (1.0 - slack / c.alpha) if c.alpha > 0 else (math.inf if slack < 0 else -math.inf)
+            return self.budget.point(lambda_j)
+
+    def decide(self, u: float, key: bytes | None = None, exit_index: int = 1, last_exit: bool = True,
+               point: tuple[int, tuple[float, ...]] | None = None) -> Decision:
         """Decide at exit ``exit_index`` for one row whose exit head there has uncertainty ``u``:
         continue (admitted) or leave with the skip action.
 
         ``last_exit``: this is the ladder's last exit, so continuing means the full model's answer
         (action ``full``); elsewhere continuing is action ``continue``. ``key`` (see
-        :func:`input_key`) is needed only by the ``cache`` skip action.
+        :func:`input_key`) is needed only by the ``cache`` skip action. ``point`` (budget policy):
+        the path point of this request, from :meth:`path_point`; taken now when omitted.
         """
         c = self.config
+        if self.budget is not None and point is None:
+            point = self.path_point()
         with self._lock:
             elapsed = self.elapsed_s()
             tau = self.tau(elapsed, exit_index)
             energy, congestion = self.energy_norm(), self.congestion()
             j = c.alpha * (1.0 - u) + c.beta * energy + c.gamma * congestion
-            threshold = None
-            if self.budget is None:
+            threshold = path_index = None
+            if point is None:
                 admitted = j <= tau
             else:
-                # J > τ ⇔ u < λ_J: the paper's rule as an exit threshold, then held under the ceiling.
-                slack = tau - c.beta * energy - c.gamma * congestion
-                lambda_j = (1.0 - slack / c.alpha) if c.alpha > 0 else (math.inf if slack < 0 else -math.inf)
-                threshold = self.budget.leave_threshold(lambda_j)
+                path_index, threshold = point[0], point[1][exit_index - 1]
                 admitted = not u < threshold
             if admitted:
                 action = ACTION_FULL if last_exit else ACTION_CONTINUE
@@ -241,7 +255,7 @@ class BioController:
                 self.admitted += admitted
                 self._recent_admitted.append(admitted)
             decision = Decision(elapsed, float(u), energy, self._energy_source, congestion,
-                                float(j), tau, bool(admitted), action, exit_index, threshold)
+                                float(j), tau, bool(admitted), action, exit_index, threshold, path_index)
         if self._on_decision is not None:
             self._on_decision(decision)
         return decision
@@ -258,7 +272,7 @@ class BioController:
             elapsed = self.elapsed_s()
             self.shed += 1
             decision = Decision(elapsed, math.nan, self.energy_norm(), self._energy_source, self.congestion(),
-                                math.nan, self.tau(elapsed), False, ACTION_SHED, 0, self.budget.ceiling)
+                                math.nan, self.tau(elapsed), False, ACTION_SHED, 0, None, self.budget.ceiling_index)
         if self._on_decision is not None:
             self._on_decision(decision)
         return decision

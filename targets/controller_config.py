@@ -21,6 +21,9 @@ UNCERTAINTIES = ("entropy", "least_confidence", "margin")
 SKIP_ACTIONS = ("exit", "cache", "reject")
 POLICIES = ("paper", "budget")
 OVERLOAD_ACTIONS = ("reject", "queue")
+SPEND_MODES = ("ceiling", "adaptive")  # budget policy: see targets.budget_policy
+BUDGET_LOSSES = ("harm", "net")  # budget policy: the certified risk, see targets.certified_path
+BUDGET_PATHS = ("auto", "per-exit", "shared")
 DEFAULT_TAU_INF = 0.8
 
 
@@ -48,6 +51,9 @@ class ControllerConfig:
     risk: float = 0.1  # budget policy: δ, the probability the certificate may fail
     slo_p95_ms: float | None = None  # budget policy: the latency SLO the AIMD loop holds (None: off)
     overload_action: str = "reject"  # budget policy, SLO unmet at the ceiling: 'reject' sheds, 'queue' waits
+    spend: str = "ceiling"  # budget policy: 'ceiling' rests at the certified ceiling, 'adaptive' below it
+    budget_loss: str = "harm"  # budget policy: certify harms alone ('harm') or harms − fixes ('net')
+    budget_path: str = "auto"  # budget policy: the certified family, 'per-exit' thresholds or one 'shared'
 
     def tau_inf_at(self, exit_index: int) -> float:
         """τ∞ of exit ``exit_index`` (1-based)."""
@@ -104,6 +110,15 @@ class ControllerConfig:
         if self.skip_action not in SKIP_ACTIONS:
             raise ConfigError(f"controller.skip_action must be one of {', '.join(SKIP_ACTIONS)}, "
                               f"got {self.skip_action!r}")
+        for name, known in (("spend", SPEND_MODES), ("budget_loss", BUDGET_LOSSES), ("budget_path", BUDGET_PATHS)):
+            if getattr(self, name) not in known:
+                raise ConfigError(f"controller.{name} must be one of {', '.join(known)}, got {getattr(self, name)!r}")
+        if self.policy == "budget" and self.skip_action == "reject":
+            raise ConfigError("skip action 'reject' cannot run under the budget policy: its certificate assumes every "
+                              "row gets an answer (use 'exit', or the paper policy)")
+        if self.policy == "budget" and self.skip_action == "cache" and self.budget_loss == "net":
+            raise ConfigError("skip action 'cache' cannot run under a 'net' budget: a cached full answer can lose the "
+                              "fixes the certificate counted (use budget_loss 'harm', which covers it, or skip action 'exit')")
 
 
 FIELD_NAMES = tuple(f.name for f in fields(ControllerConfig))

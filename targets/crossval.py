@@ -1,7 +1,7 @@
 """Out-of-fold comparison of calibration rules, without the held-out set deciding anything.
 
 A rule (the paper policy's :func:`targets.calibration.calibrate_exits`, its older or simpler
-variants, the budget policy's certificate :func:`targets.certify.calibrate_budget`) turns a set of
+variants, the budget policy's certificate :func:`targets.certified_path.calibrate_path`) turns a set of
 calibration rows into one exit threshold per exit; a row then leaves at the first exit k whose
 uncertainty u_k < t_k, else runs the whole ladder. Comparing rules on the held-out set makes it a
 second validation set (DESIGN §4: "The held-out set is sealed"), so rules are compared here, out of
@@ -40,7 +40,7 @@ import numpy as np
 from targets.calibration import (LadderOutputs, NO_CHANGE_RULE_NAME, NO_CHANGE_RULE_VERSION, RULE_NAME, RULE_VERSION,
                                  calibrate_exits, no_change_cuts)
 from targets.binomial_bounds import clopper_pearson
-from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION, calibrate_budget
+from targets.certified_path import PATH_NAME, PATH_VERSION, calibrate_path
 from targets.controller import uncertainty
 from targets.errors import ConfigError
 
@@ -108,13 +108,15 @@ def standard_rules(accuracy_budget_pp: float = 0.5, risk: float = 0.1) -> list[R
     if not 0 < risk < 1:
         raise ConfigError(f"--risk must be in (0, 1), got {risk:g}")
 
-    def budget(outputs, labels, measure):
-        u = np.stack([uncertainty(p, measure) for p in outputs.exits], axis=1)
-        answers = np.stack([p.argmax(1) for p in outputs.exits], axis=1)
-        cal = calibrate_budget(u, answers, outputs.final.argmax(1), labels, accuracy_budget_pp / 100.0, risk)
-        # Not certified: validate would refuse the budget policy; nothing leaves early here.
-        threshold = cal.threshold if cal.threshold is not None else 0.0
-        return Fit(tuple([threshold] * len(outputs.exits)), cal.threshold is not None)
+    def budget(loss: str, kind: str):
+        def fit(outputs, labels, measure):
+            u = np.stack([uncertainty(p, measure) for p in outputs.exits], axis=1)
+            answers = np.stack([p.argmax(1) for p in outputs.exits], axis=1)
+            cal = calibrate_path(u, answers, outputs.final.argmax(1), labels, accuracy_budget_pp / 100.0, risk,
+                                 loss=loss, kind=kind)
+            # Not certified: validate would refuse the budget policy; nothing leaves early here.
+            return Fit(cal.ceiling_thresholds or tuple([0.0] * len(outputs.exits)), cal.certified)
+        return fit
 
     return [
         Rule("paper", RULE_NAME, RULE_VERSION,
@@ -126,9 +128,15 @@ def standard_rules(accuracy_budget_pp: float = 0.5, risk: float = 0.1) -> list[R
         Rule("no-change", NO_CHANGE_RULE_NAME, NO_CHANGE_RULE_VERSION,
              "no_change_cuts: each exit stops at its first disagreement with the full model (step 1 alone)",
              lambda o, y, m: Fit(no_change_cuts(o, m))),
-        Rule("budget", CERTIFICATE_NAME, CERTIFICATE_VERSION,
-             f"budget policy's certificate: Learn-then-Test, {accuracy_budget_pp:g} pp at δ = {risk:g}, "
-             "one threshold at every exit", budget),
+        Rule("budget", PATH_NAME, PATH_VERSION,
+             f"budget policy's certificate as it runs by default: {accuracy_budget_pp:g} pp at δ = {risk:g}, "
+             "the 'auto' path, the harm risk (the ceiling)", budget("harm", "auto")),
+        Rule("budget-net", PATH_NAME, PATH_VERSION, "the same with the net risk (harms − fixes, betting test)",
+             budget("net", "auto")),
+        Rule("budget-shared", PATH_NAME, PATH_VERSION,
+             "the same on the shared path (one threshold at every exit, every row tests)", budget("harm", "shared")),
+        Rule("budget-per-exit", PATH_NAME, PATH_VERSION,
+             "the same on the per-exit path (screened on a third, tested on two thirds)", budget("harm", "per-exit")),
     ]
 
 

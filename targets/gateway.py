@@ -169,8 +169,15 @@ class _Metrics:
                   registry=self.registry).set_function(controller.energy_norm)
             budget = controller.budget
             if budget is not None:
-                Gauge("green_mlops_exit_threshold_ceiling", "Budget policy: the certified exit threshold",
-                      registry=self.registry).set(budget.ceiling)
+                ceiling = Gauge("green_mlops_exit_threshold_ceiling",
+                                "Budget policy: the certified ceiling's exit threshold, per exit (1-based)",
+                                ["exit"], registry=self.registry)
+                for exit_number, value in enumerate(budget.ceiling, start=1):
+                    ceiling.labels(exit=str(exit_number)).set(value)
+                Gauge("green_mlops_path_level", "Budget policy: the level on the certified path (0 strict, 1 the "
+                      "ceiling) of the latest request", registry=self.registry).set_function(lambda: budget.last_level)
+                Gauge("green_mlops_path_index", "Budget policy: the certified path's point of the latest request",
+                      registry=self.registry).set_function(lambda: budget.last_index)
                 Gauge("green_mlops_shed_total", "Budget policy: requests shed (SLO unmet at the ceiling)",
                       registry=self.registry).set_function(lambda: budget.shed)
                 loop = budget.loop
@@ -185,7 +192,7 @@ class _Metrics:
                     Gauge("green_mlops_slo_unreachable_periods",
                           "Budget policy: SLO periods violated by service time alone (shedding cannot help)",
                           registry=self.registry).set_function(lambda: loop.unreachable)
-                    Gauge("green_mlops_exit_threshold", "Budget policy: the SLO loop's exit threshold",
+                    Gauge("green_mlops_slo_level", "Budget policy: the SLO loop's level on the certified path",
                           registry=self.registry).set_function(lambda: loop.threshold)
                     Gauge("green_mlops_shed_probability", "Budget policy: the SLO loop's shed probability",
                           registry=self.registry).set_function(lambda: loop.shed_probability)
@@ -216,13 +223,13 @@ def _row_parameters(outcomes: list[Outcome]) -> dict:
         return {"admitted": True, "action": "full", "controller": "off"}
     if decisions[0].action == ACTION_SHED:  # the whole request was shed before any model work
         return {"admitted": False, "action": ACTION_SHED, "tau": decisions[0].tau,
-                "threshold": decisions[0].threshold, "stage": 0}
+                "path_index": decisions[0].path_index, "stage": 0}
     stages = outcomes[0].stage if len(outcomes) == 1 else ",".join(str(o.stage) for o in outcomes)
     if len(decisions) == 1:
         d = decisions[0]
         single = {"admitted": d.admitted, "action": d.action, "j": d.j, "tau": d.tau, "u": d.u,
                   "exit": d.exit_index, "stage": stages}
-        return single if d.threshold is None else {**single, "threshold": d.threshold}
+        return single if d.threshold is None else {**single, "threshold": d.threshold, "path_index": d.path_index}
     return {
         "admitted": ",".join("true" if d.admitted else "false" for d in decisions),
         "action": ",".join(d.action for d in decisions),
@@ -232,7 +239,8 @@ def _row_parameters(outcomes: list[Outcome]) -> dict:
         "exit": ",".join(str(d.exit_index) for d in decisions),
         "stage": stages,
         **({} if decisions[0].threshold is None else
-           {"threshold": ",".join(f"{d.threshold:.6g}" for d in decisions)}),
+           {"threshold": ",".join(f"{d.threshold:.6g}" for d in decisions),
+            "path_index": ",".join(str(d.path_index) for d in decisions)}),
     }
 
 

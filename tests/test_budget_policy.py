@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import httpx
 import numpy as np
 import pytest
 
 from targets.budget_policy import BudgetPolicy
-from targets.certify import calibrate_budget
+from targets.certified_path import calibrate_path
 from targets.controller import BioController
 from targets.controller_config import ControllerConfig, build_config
 from targets.errors import ConfigError
@@ -20,13 +21,13 @@ from targets.make_controller import make_controller
 from tests.test_gateway import infer_body
 
 
-def synthetic_calibration(budget: float = 0.02):
+def synthetic_calibration(budget: float = 0.02, n_exits: int = 1, kind: str = "auto"):
     rng = np.random.default_rng(0)
     n = 3000
-    u = rng.uniform(0, 1, (n, 1))
+    u = rng.uniform(0, 1, (n, n_exits))
     labels = rng.integers(0, 2, n)
-    exits = np.where(rng.uniform(size=(n, 1)) < 0.3 * u, 1 - labels[:, None], labels[:, None])
-    return calibrate_budget(u, exits, labels, labels, budget=budget, delta=0.1)
+    exits = np.where(rng.uniform(size=(n, n_exits)) < 0.3 * u, 1 - labels[:, None], labels[:, None])
+    return calibrate_path(u, exits, labels, labels, budget=budget, delta=0.1, kind=kind)
 
 
 def test_congestion_cannot_push_past_the_certified_ceiling(clock):
@@ -37,11 +38,48 @@ def test_congestion_cannot_push_past_the_certified_ceiling(clock):
     for controller in (paper, bounded):
         for _ in range(10):
             controller.request_started()  # ĉ = 1: the paper's J > τ for every u < 1
-    u = min(0.99, budget.ceiling + 0.05)
+    (ceiling,) = budget.ceiling
+    u = min(0.99, ceiling + 0.05)
     assert not paper.decide(u).admitted
     decision = bounded.decide(u)
-    assert decision.admitted and decision.threshold == budget.ceiling
-    assert not bounded.decide(budget.ceiling / 2).admitted  # below the ceiling J still decides
+    assert decision.admitted and decision.threshold == ceiling and decision.path_index == budget.ceiling_index
+    assert not bounded.decide(ceiling / 2).admitted  # below the ceiling the row leaves
+
+
+def test_a_request_runs_one_point_of_the_path_at_every_exit(clock):
+    """The point is taken once per request: however the signals move between its exits, every
+    decision of the request uses the thresholds of that one point (never a mix of two)."""
+    calibration = synthetic_calibration(n_exits=3, kind="per-exit")
+    assert calibration.ceiling > 4
+    controller = BioController(ControllerConfig(policy="budget", tau0=1.0, tau_inf=1.0, k_per_s=0.0, gamma=1.0,
+                                                capacity=1), clock=clock, budget=BudgetPolicy(calibration))
+    point = controller.path_point()
+    assert point[0] == 0  # λ_J = 1 − τ∞/α = 0 with no congestion: the strict end
+    for _ in range(10):
+        controller.request_started()  # congestion rises between this request's exits
+    decisions = [controller.decide(0.99, exit_index=k, last_exit=k == 3, point=point) for k in (1, 2, 3)]
+    assert [d.path_index for d in decisions] == [0, 0, 0]
+    assert [d.threshold for d in decisions] == list(calibration.points[0])
+    assert controller.path_point()[0] == calibration.ceiling
+
+
+def test_adaptive_spend_rests_mid_path_and_congestion_takes_it_to_the_ceiling(digits_spec, digits_backend, clock):
+    config = ControllerConfig(policy="budget", accuracy_budget_pp=2.0, spend="adaptive", tau0=1.0, k_per_s=100.0,
+                              capacity=4)
+    controller = make_controller(config, digits_spec, digits_backend, clock=clock)
+    clock.advance(1.0)  # past warm-up
+    ceiling = controller.budget.ceiling_index
+    idle = controller.path_point()[0]
+    assert idle == int(0.5 * ceiling) < ceiling
+    for _ in range(5):
+        controller.request_started()  # ĉ = 1: γ·ĉ = 0.5 lifts the level from 0.5 to 1
+    assert controller.path_point()[0] == ceiling
+    for _ in range(5):
+        controller.request_finished(None)
+    assert controller.path_point()[0] == idle
+    at_ceiling = make_controller(replace(config, spend="ceiling"), digits_spec, digits_backend, clock=clock)
+    clock.advance(1.0)
+    assert at_ceiling.path_point()[0] == at_ceiling.budget.ceiling_index
 
 
 def test_a_policy_and_its_budget_go_together(clock):
@@ -54,11 +92,27 @@ def test_a_policy_and_its_budget_go_together(clock):
 def test_digits_certifies_from_its_validation_split(digits_spec, digits_backend):
     config = ControllerConfig(policy="budget", accuracy_budget_pp=2.0)
     controller = make_controller(config, digits_spec, digits_backend)
-    cert = controller.budget.calibration.certificate
-    assert cert.certified and cert.n == len(digits_spec.load_validation()[1])
-    assert 0 < controller.budget.ceiling <= 1
-    with pytest.raises(ConfigError, match="smallest it can certify"):
+    cert = controller.budget.calibration
+    assert cert.certified and cert.n_validation == len(digits_spec.load_validation()[1])
+    assert cert.kind == "per-exit" and cert.n_screen + cert.n_test == cert.n_validation
+    default = make_controller(ControllerConfig(policy="budget"), digits_spec, digits_backend).budget.calibration
+    assert default.kind == "shared" and default.n_test == default.n_validation  # 0.5 pp: too few rows to screen on
+    assert all(0 < t <= 1 for t in controller.budget.ceiling)
+    with pytest.raises(ConfigError, match="smallest its test rows can certify"):
         make_controller(ControllerConfig(policy="budget", accuracy_budget_pp=0.1), digits_spec, digits_backend)
+
+
+def test_refusals_that_would_leave_the_certified_family_are_one_line(digits_spec, digits_backend):
+    with pytest.raises(ConfigError, match="skip action 'reject' cannot run under the budget policy"):
+        ControllerConfig(policy="budget", skip_action="reject")
+    with pytest.raises(ConfigError, match="skip action 'cache' cannot run under a 'net' budget"):
+        ControllerConfig(policy="budget", skip_action="cache", budget_loss="net")
+    ControllerConfig(policy="budget", skip_action="cache")  # harm risk: a cached full answer harms nothing
+    with pytest.raises(ConfigError, match="exit_tau_inf cannot be set under the budget policy"):
+        make_controller(ControllerConfig(policy="budget", accuracy_budget_pp=2.0, exit_tau_inf=(0.0, 0.5, 0.5)),
+                        digits_spec, digits_backend, explicit_tau_inf=True)
+    with pytest.raises(ConfigError, match="controller.spend must be one of"):
+        ControllerConfig(spend="everything")
 
 
 def test_validate_refuses_an_uncertifiable_budget_with_exit_2(tmp_path):
@@ -66,7 +120,7 @@ def test_validate_refuses_an_uncertifiable_budget_with_exit_2(tmp_path):
                              "--policy", "budget", "--accuracy-budget-pp", "0.1", "--results", str(tmp_path)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
-    assert "smallest it can certify" in result.stderr and "Traceback" not in result.stderr
+    assert "smallest its test rows can certify" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_gateway_holds_the_ceiling_and_says_so_when_service_time_breaks_the_slo(start_gateway, digits_eval):
@@ -88,7 +142,8 @@ def test_gateway_holds_the_ceiling_and_says_so_when_service_time_breaks_the_slo(
         metrics = client.get("/metrics").text
     assert set(statuses) == {200} and state["shed"] == 0
     slo = state["budget"]["slo"]
-    assert slo["threshold"] == state["budget"]["ceiling"]  # nothing more may be skipped
+    assert slo["threshold"] == 1.0 and state["budget"]["level"] == 1.0  # the ceiling: nothing more may be skipped
+    assert state["budget"]["path_index"] == state["budget"]["ceiling_index"]
     assert slo["shed_probability"] == 0 and slo["unreachable"] > 0 and slo["violations"] >= slo["unreachable"]
     assert 0 < slo["service_p95_ms"] <= slo["p95_ms"]  # the model's work is part of arrival-to-answer
     assert all(s["slo_p95_ms"] == 0.001 and s["slo_threshold"] is not None for s in slo_states)
@@ -119,13 +174,16 @@ def test_controller_sheds_when_queueing_breaks_the_slo_and_only_then(digits_spec
     assert all(slow_model.shed_decision() is None for _ in range(400))
 
 
-def test_the_budget_policy_spends_the_certified_budget_unless_told_otherwise(digits_spec, digits_backend):
+def test_the_budget_policy_spends_the_certified_budget_unless_told_otherwise(digits_spec, digits_backend, clock):
+    """The default rests at the ceiling (τ∞ = 0); an explicit scalar τ∞ places the controller on the
+    path at level 1 − τ∞/α, and the paper rule's per-exit τ∞ never survives under the budget policy."""
     config = ControllerConfig(policy="budget", accuracy_budget_pp=2.0, tau_inf=0.95, exit_tau_inf=(0.9, 0.9, 0.9))
     controller = make_controller(config, digits_spec, digits_backend)
-    ceiling = controller.budget.ceiling
-    assert controller.config.tau_inf == pytest.approx(1.0 - ceiling) and controller.config.exit_tau_inf is None
-    kept = make_controller(config, digits_spec, digits_backend, explicit_tau_inf=True)
-    assert kept.config.tau_inf == 0.95 and kept.config.exit_tau_inf == (0.9, 0.9, 0.9)
+    assert controller.config.tau_inf == pytest.approx(0.0) and controller.config.exit_tau_inf is None
+    kept = make_controller(replace(config, tau_inf=0.75, exit_tau_inf=None, tau0=0.75), digits_spec, digits_backend,
+                           clock=clock, explicit_tau_inf=True)
+    assert kept.config.tau_inf == 0.75 and kept.config.exit_tau_inf is None
+    assert kept.path_point()[0] == int(0.25 * kept.budget.ceiling_index + 1e-9)
 
 
 def test_the_slo_loop_sees_the_last_second_not_the_last_n_requests(digits_spec, digits_backend):

@@ -1,0 +1,274 @@
+"""The budget policy's certificate: an ordered path of per-exit threshold vectors, certified by
+Learn-then-Test with fixed-sequence testing.
+
+A *threshold vector* t = (t_1 … t_E) holds one threshold per exit: a row leaves at the first exit k
+whose uncertainty u_k < t_k, else it runs the whole ladder. The *path* is an ordered list of such
+vectors, from strict (all zero: nothing leaves early) to loose. Its points are tested in order on
+the *test* rows: the null hypothesis at a point is "the risk of this vector exceeds the budget B";
+testing stops at the first point whose null is not rejected at level δ. Fixed-sequence testing
+controls the family-wise error at δ, so with probability at least 1 − δ over the draw of the test
+rows, **every** point up to the last rejected one (the *certified ceiling*) has risk ≤ B at once.
+The controller may therefore run any of them, and only them.
+
+How the path is made (:func:`calibrate_path`, ``path`` setting):
+
+* ``per-exit``: *screen, then test* (Angelopoulos et al., "Learn then Test", 2021; the two-stage
+  design of Ringel et al., "Early Time Classification with Accumulated Accuracy Gap Control",
+  ICML 2024). A seeded third of the validation rows (the *screen* part) orders the vectors:
+  starting from all zeros, each step loosens the one exit whose next grid threshold buys the most
+  saving (stage costs) per unit of risk added on the screen rows (:func:`greedy_path`). The other
+  two thirds (the *test* part) certify it. The screen rows never enter a p-value, so the path is
+  fixed before the test rows are looked at, as fixed-sequence testing requires.
+* ``shared``: the data-free path (λ, …, λ) over :data:`THRESHOLD_GRID`, tested on every validation
+  row: one threshold at every exit (what Jazbec et al., "Fast yet Safe: Early-Exiting with Risk
+  Control", NeurIPS 2024, control). No screen rows are spent, so it certifies from fewer rows.
+* ``auto`` (default): ``per-exit`` when the test part alone could certify the budget with at least
+  :data:`AUTO_MIN_HARMS` harmed rows (a property of n, B and δ, never of the data), else ``shared``.
+
+The risk (``loss`` setting), per row, against the full model's answer on the same row:
+
+* ``harm``: 1 when the full model is right and the ladder wrong, else 0. Its mean bounds the
+  accuracy loss from above (fixes are ignored), and a {0, 1} loss admits the exact binomial p-value.
+* ``net``: harm − fix, in {−1, 0, 1} (fix: the full model wrong, the ladder right). Its mean *is*
+  the accuracy gap. The p-value comes from a betting test (Waudby-Smith & Ramdas, "Estimating means
+  of bounded random variables by betting", JRSSB 2024): capital ∏(1 + λ_i·(m − X_i)) against the
+  null mean m, predictable bets λ_i from the running variance, p = 1 / max capital (Ville's
+  inequality); the rows are bet on in a seeded order. Valid for any bounded loss, exact in no case,
+  tight when fixes are common.
+
+What the certificate covers: the expected loss over the population the validation split was drawn
+from, given one calibration draw, for the vectors on the path up to the ceiling. Not covered: a
+finite held-out set (its own sampling noise remains), a shifted input distribution.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from targets.certify import THRESHOLD_GRID, binomial_p_value, smallest_certifiable_budget
+from targets.errors import ConfigError
+
+PATH_NAME = "ltt-fixed-sequence-path"
+PATH_VERSION = "1"
+"""The certificate as validate.json records it: :func:`calibrate_path`. Any change to what it
+returns takes a new version."""
+LOSSES = ("harm", "net")
+PATH_KINDS = ("auto", "per-exit", "shared")
+SCREEN_FRACTION = 1.0 / 3.0
+SCREEN_SEED = 0  # which validation rows screen the path (fixed, so a model's certificate is reproducible)
+AUTO_MIN_HARMS = 3
+"""``auto`` takes the per-exit path when the test part could certify the budget with this many
+harmed rows observed (the exact binomial test); fewer, and the screen rows are worth more as test rows."""
+BET_ORDER_SEED = 0  # the order the test rows are bet on, fixed before any loss is seen
+BET_CAP = 0.75  # the largest bet, as a share of 1/m (Waudby-Smith & Ramdas use 1/2 or 3/4)
+GREEDY_PRIOR_ROWS = 0.5  # risk added to every greedy step, in rows: a free step that saves more goes first
+
+
+@dataclass(frozen=True)
+class PathCalibration:
+    """A certified path: its points (vectors of per-exit thresholds, strict first), how far it is
+    certified, and how it was made. ``ceiling`` is the index of the loosest certified point (None:
+    not even the strict end passed); ``p_values`` and ``test_risks`` follow the points tested, up
+    to and including the first failure; ``exit_rate`` and ``depth_histogram`` describe the ceiling
+    on the test rows."""
+
+    points: tuple[tuple[float, ...], ...]
+    ceiling: int | None
+    budget: float
+    delta: float
+    loss: str
+    kind: str  # "per-exit" or "shared"
+    n_validation: int
+    n_screen: int
+    n_test: int
+    p_values: tuple[float, ...]
+    test_risks: tuple[float, ...]
+    exit_rate: float | None
+    depth_histogram: tuple[int, ...] | None
+
+    @property
+    def certified(self) -> bool:
+        return self.ceiling is not None
+
+    @property
+    def ceiling_thresholds(self) -> tuple[float, ...] | None:
+        return None if self.ceiling is None else self.points[self.ceiling]
+
+    @property
+    def smallest_certifiable(self) -> float:
+        """The smallest budget the test rows could certify, with no row harmed (or fixed)."""
+        if self.loss == "harm":
+            return smallest_certifiable_budget(self.n_test, self.delta)
+        # Betting: every row at x = 1/2 multiplies the capital by 1 + (BET_CAP/m)·(B/2), m = (1 + B)/2.
+        growth = math.expm1(math.log(1.0 / self.delta) / max(self.n_test, 1))
+        return 1.0 if growth >= BET_CAP else growth / (BET_CAP - growth)
+
+    def thresholds_at(self, level: float) -> tuple[int, tuple[float, ...]]:
+        """The point at ``level`` ∈ [0, 1] of the certified part (0: strict, 1: the ceiling):
+        ``(index, thresholds)``, rounding down, so a level never reaches past the ceiling."""
+        if self.ceiling is None:
+            raise ConfigError("the certificate certified no point of its path")
+        level = min(max(level, 0.0), 1.0) if math.isfinite(level) else (1.0 if level > 0 else 0.0)
+        index = min(int(math.floor(level * self.ceiling + 1e-9)), self.ceiling)
+        return index, self.points[index]
+
+    def as_dict(self) -> dict:
+        return {"rule": PATH_NAME, "version": PATH_VERSION, "path": self.kind, "loss": self.loss,
+                "budget_pp": 100 * self.budget, "risk_delta": self.delta, "certified": self.certified,
+                "n_validation": self.n_validation, "n_screen": self.n_screen, "n_test": self.n_test,
+                "n_calibration": self.n_test, "path_points": len(self.points), "ceiling_index": self.ceiling,
+                "ceiling_thresholds": list(self.ceiling_thresholds) if self.certified else None,
+                "smallest_certifiable_budget_pp": 100 * self.smallest_certifiable,
+                "exit_rate": self.exit_rate,
+                "depth_histogram": list(self.depth_histogram) if self.depth_histogram else None,
+                "test_risk_pp": [100 * r for r in self.test_risks], "p_values": list(self.p_values)}
+
+
+def ladder_depths(u: np.ndarray, thresholds) -> np.ndarray:
+    """Per row, the 0-based exit it leaves at under ``thresholds`` (E: it runs the whole ladder)."""
+    leaves = u < np.asarray(thresholds, dtype=np.float64)[None, :]
+    return np.where(leaves.any(axis=1), leaves.argmax(axis=1), u.shape[1])
+
+
+def row_outcomes(u: np.ndarray, exit_right: np.ndarray, full_right: np.ndarray, thresholds):
+    """``(depth, harmed, fixed)`` per row under one threshold vector."""
+    depth = ladder_depths(u, thresholds)
+    answers = np.concatenate([exit_right, full_right[:, None]], axis=1)
+    right = answers[np.arange(len(full_right)), depth]
+    return depth, full_right & ~right, ~full_right & right
+
+
+def betting_p_value(losses: np.ndarray, budget: float, delta: float, order: np.ndarray | None = None) -> float:
+    """p-value of H0 "mean loss > ``budget``" for losses in [−1, 1], by betting (see the module
+    docstring): 1 / (the largest capital reached), at most 1. Valid for any bets chosen from the past
+    only; these are tuned to reject at level ``delta``. ``order``: the order the rows are bet on (a
+    permutation fixed before the losses are seen; default seeded by :data:`BET_ORDER_SEED`)."""
+    x = (np.asarray(losses, dtype=np.float64) + 1.0) / 2.0  # in [0, 1]; H0: E[x] > m
+    n = len(x)
+    if n == 0:
+        return 1.0
+    m = (budget + 1.0) / 2.0
+    x = x[np.random.default_rng(BET_ORDER_SEED).permutation(n) if order is None else order]
+    t = np.arange(1, n + 1, dtype=np.float64)
+    running_mean = (0.5 + np.cumsum(x)) / (t + 1.0)  # after row t, shrunk towards 1/2
+    mean_before = np.concatenate([[0.5], running_mean[:-1]])
+    squares = np.cumsum((x - mean_before) ** 2)
+    variance_before = (0.25 + np.concatenate([[0.0], squares[:-1]])) / t
+    bets = np.minimum(np.sqrt(2.0 * math.log(1.0 / delta) / (n * variance_before)), BET_CAP / m)
+    log_capital = np.cumsum(np.log1p(bets * (m - x)))
+    return float(min(1.0, math.exp(-max(0.0, float(log_capital.max())))))
+
+
+def point_p_value(harmed: np.ndarray, fixed: np.ndarray, loss: str, budget: float, delta: float,
+                  order: np.ndarray | None = None) -> float:
+    if loss == "harm":
+        return binomial_p_value(int(harmed.sum()), len(harmed), budget)
+    return betting_p_value(harmed.astype(np.int8) - fixed.astype(np.int8), budget, delta, order)
+
+
+def greedy_path(u: np.ndarray, exit_right: np.ndarray, full_right: np.ndarray, stage_cost, loss: str,
+                grid: np.ndarray = THRESHOLD_GRID) -> list[tuple[float, ...]]:
+    """The screen step of ``per-exit``: from all zeros, loosen one exit at a time to its next grid
+    value that moves at least one screen row, choosing the exit with the least risk added (rows, +
+    :data:`GREEDY_PRIOR_ROWS`) per stage cost saved; until every threshold is at the grid's top."""
+    n_exits = u.shape[1]
+    cumulative = np.cumsum(np.asarray(stage_cost, dtype=np.float64))
+    thresholds = np.zeros(n_exits)
+    points = [tuple(thresholds)]
+    depth, harmed, fixed = row_outcomes(u, exit_right, full_right, thresholds)
+    risk = lambda h, f: float(h.sum()) - (float(f.sum()) if loss == "net" else 0.0)  # noqa: E731
+    while True:
+        best = None
+        for k in range(n_exits):
+            # The next grid value past t_k that lets a screen row go at exit k: the rows running
+            # beyond k whose u_k is at or above t_k; none, and the exit jumps to the grid's top.
+            waiting = u[(depth > k) & (u[:, k] >= thresholds[k]), k]
+            above = grid[grid > (waiting.min() if waiting.size else grid[-1] - 1e-12)]
+            if thresholds[k] >= grid[-1] or not above.size:
+                continue
+            trial = thresholds.copy()
+            trial[k] = above[0] if waiting.size else grid[-1]
+            outcome = row_outcomes(u, exit_right, full_right, trial)
+            saved = float((cumulative[depth] - cumulative[outcome[0]]).sum())
+            added = risk(outcome[1], outcome[2]) - risk(harmed, fixed) + GREEDY_PRIOR_ROWS
+            score = added / saved if saved > 0 else math.inf
+            if best is None or score < best[0]:
+                best = (score, trial, outcome)
+        if best is None:
+            return points
+        _, thresholds, (depth, harmed, fixed) = best
+        points.append(tuple(float(v) for v in thresholds))
+
+
+def resolve_kind(kind: str, n_rows: int, budget: float, delta: float) -> str:
+    """``auto`` → ``per-exit`` or ``shared`` from the row count alone (see the module docstring)."""
+    if kind not in PATH_KINDS:
+        raise ConfigError(f"budget path must be one of {', '.join(PATH_KINDS)}, got '{kind}'")
+    if kind != "auto":
+        return kind
+    n_test = n_rows - int(round(SCREEN_FRACTION * n_rows))
+    return "per-exit" if binomial_p_value(AUTO_MIN_HARMS, n_test, budget) <= delta else "shared"
+
+
+def screen_rows(n_rows: int) -> np.ndarray:
+    """Mask of the screen part: a seeded :data:`SCREEN_FRACTION` of the rows."""
+    mask = np.zeros(n_rows, dtype=bool)
+    mask[np.random.default_rng(SCREEN_SEED).permutation(n_rows)[: int(round(SCREEN_FRACTION * n_rows))]] = True
+    return mask
+
+
+def calibrate_path(u: np.ndarray, exit_predictions: np.ndarray, full_predictions: np.ndarray, labels: np.ndarray,
+                   budget: float, delta: float, stage_cost=None, loss: str = "harm",
+                   kind: str = "auto") -> PathCalibration:
+    """Make and certify the path on the validation split (see the module docstring).
+
+    ``u`` and ``exit_predictions`` are ``[n, E]`` (each exit's uncertainty and class),
+    ``full_predictions`` and ``labels`` ``[n]``; ``stage_cost`` (E + 1 values; default 1 each)
+    weighs the stages when the path is screened."""
+    u = np.asarray(u, dtype=np.float64)
+    if u.ndim == 1:
+        u = u[:, None]
+    exit_predictions = np.asarray(exit_predictions).reshape(u.shape)
+    labels = np.asarray(labels)
+    n, n_exits = u.shape
+    if n == 0:
+        raise ConfigError("the budget policy needs validation rows to certify on")
+    if not 0.0 < budget < 1.0:
+        raise ConfigError(f"accuracy budget must be in (0, 100) pp, got {100 * budget:g} pp")
+    if not 0.0 < delta < 1.0:
+        raise ConfigError(f"risk δ must be in (0, 1), got {delta:g}")
+    if loss not in LOSSES:
+        raise ConfigError(f"budget loss must be one of {', '.join(LOSSES)}, got '{loss}'")
+    stage_cost = np.ones(n_exits + 1) if stage_cost is None else np.asarray(stage_cost, dtype=np.float64)
+    if stage_cost.shape != (n_exits + 1,) or not (stage_cost > 0).all():
+        raise ConfigError(f"stage costs: {n_exits + 1} positive values needed, got {stage_cost.tolist()}")
+    exit_right = exit_predictions == labels[:, None]
+    full_right = np.asarray(full_predictions) == labels
+    kind = resolve_kind(kind, n, budget, delta)
+    if kind == "per-exit":
+        screen = screen_rows(n)
+        points = greedy_path(u[screen], exit_right[screen], full_right[screen], stage_cost, loss)
+        test = ~screen
+    else:
+        points = [tuple([float(v)] * n_exits) for v in THRESHOLD_GRID]
+        test = np.ones(n, dtype=bool)
+    u_t, exit_t, full_t = u[test], exit_right[test], full_right[test]
+    order = np.random.default_rng(BET_ORDER_SEED).permutation(len(full_t))
+    ceiling, p_values, risks, depth_at_ceiling = None, [], [], None
+    for index, point in enumerate(points):
+        depth, harmed, fixed = row_outcomes(u_t, exit_t, full_t, point)
+        p = point_p_value(harmed, fixed, loss, budget, delta, order)
+        p_values.append(p)
+        risks.append(float(harmed.mean() - (fixed.mean() if loss == "net" else 0.0)))
+        if p > delta:
+            break
+        ceiling, depth_at_ceiling = index, depth
+    histogram = (None if depth_at_ceiling is None else
+                 tuple(int(c) for c in np.bincount(depth_at_ceiling, minlength=n_exits + 1)))
+    return PathCalibration(points=tuple(points), ceiling=ceiling, budget=budget, delta=delta, loss=loss, kind=kind,
+                           n_validation=n, n_screen=int(n - test.sum()), n_test=int(test.sum()),
+                           p_values=tuple(p_values), test_risks=tuple(risks),
+                           exit_rate=None if depth_at_ceiling is None else float((depth_at_ceiling < n_exits).mean()),
+                           depth_histogram=histogram)
