@@ -201,3 +201,67 @@ def test_the_slo_loop_sees_the_last_second_not_the_last_n_requests(digits_spec, 
     loop = controller.budget.loop
     assert loop.last_p95_ms == pytest.approx(1.0) and loop.last_service_p95_ms == pytest.approx(0.5)
     assert controller.state()["p95_recent_ms"] > 1.0  # ĉ keeps its count window: 32 requests
+
+
+def test_adaptive_spend_through_a_gateway_follows_rising_then_falling_load(start_gateway, digits_eval):
+    """A real gateway, --spend adaptive: one request at a time it rests below the ceiling; 24
+    concurrent clients fill it past its capacity and the requests run at the ceiling; one at a
+    time again, it comes back down. Every answer says which point of the path it ran."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gateway = start_gateway("--controller", "bio", "--policy", "budget", "--accuracy-budget-pp", "2",
+                            "--spend", "adaptive", "--capacity", "2", "--slo-ms", "10000", "--k", "50",
+                            "--energy", "off")
+    x = digits_eval[0]
+
+    def send(client, i):
+        response = client.post("/v2/models/digits/infer", json=infer_body(x[i % len(x): i % len(x) + 1]))
+        assert response.status_code == 200, response.text
+        return response.json()["parameters"]["path_index"]
+
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        ceiling = client.get("/v2/controller").json()["budget"]["ceiling_index"]
+        before = [send(client, i) for i in range(30)]
+    clients = [httpx.Client(base_url=gateway.url, timeout=60) for _ in range(24)]
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            during = list(pool.map(lambda i: send(clients[i % 24], i), range(24 * 25)))
+    finally:
+        for c in clients:
+            c.close()
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        after = [send(client, i) for i in range(30)]
+        metrics = client.get("/metrics").text
+    assert ceiling > 2
+    assert set(before[5:]) == {ceiling // 2}  # at rest: the middle of the certified path
+    assert during.count(ceiling) > 0 and max(during) == ceiling  # congestion: the ceiling, never past it
+    assert set(after[5:]) == {ceiling // 2}
+    assert "green_mlops_path_level" in metrics and 'green_mlops_exit_threshold_ceiling{exit="3"}' in metrics
+
+
+def test_the_slo_loop_loosens_under_violation_and_tightens_when_met_comfortably(digits_spec, digits_backend, clock):
+    """The SLO loop's level on the path: p95 over the SLO lifts it to the ceiling; p95 well under
+    it brings it back down step by step (buying accuracy back), and the point run follows."""
+    config = build_config(digits_spec.controller_hints, overrides={"policy": "budget", "slo_p95_ms": 5.0,
+                                                                   "accuracy_budget_pp": 2.0, "spend": "adaptive",
+                                                                   "overload_action": "queue"})
+    controller = make_controller(config, digits_spec, digits_backend, clock=clock)
+    clock.advance(10.0)
+    loop, ceiling = controller.budget.loop, controller.budget.ceiling_index
+    resting = controller.path_point()[0]
+    for _ in range(160):
+        controller.request_started()
+        controller.request_finished(20.0, 0.5)
+    assert loop.threshold == 1.0 and controller.path_point()[0] == ceiling
+    clock.advance(2.0)  # the slow requests leave the loop's one-second window
+    levels = []
+    for _ in range(60):
+        clock.advance(0.1)
+        for _ in range(16):
+            controller.request_started()
+            controller.request_finished(1.0, 0.5)
+        levels.append(loop.threshold)
+    # It stops shedding first (the queue action sheds nothing, but the loop's probability still
+    # falls back), then its level falls by 0.01 per period met comfortably.
+    assert all(b <= a for a, b in zip(levels, levels[1:])) and levels[-1] <= 0.9
+    assert controller.path_point()[0] < ceiling and controller.path_point()[0] >= resting

@@ -111,7 +111,7 @@ def test_rule_record_names_the_rule_version_and_split(tmp_path):
     from types import SimpleNamespace
 
     from targets.calibration import RULE_NAME, RULE_VERSION, rule_line, rule_record
-    from targets.certify import CERTIFICATE_NAME, CERTIFICATE_VERSION
+    from targets.certified_path import PATH_NAME as CERTIFICATE_NAME, PATH_VERSION as CERTIFICATE_VERSION
     from targets.model_dir import load_model_dir
     from tests.model_factory import edit_json, make_model_dir
 

@@ -127,7 +127,7 @@ def test_every_decision_is_recorded(clock):
     assert [r.admitted for r in records] == [True, False]
     record = records[0].as_record()
     assert set(record) == {"t_s", "u", "energy_norm", "energy_source", "congestion", "j", "tau",
-                           "admitted", "action", "exit_index", "threshold"}
+                           "admitted", "action", "exit_index", "threshold", "path_index"}
     assert record["t_s"] == pytest.approx(1.5)
 
 

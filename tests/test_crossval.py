@@ -143,7 +143,8 @@ def test_crossval_command_runs_the_stages_once_and_writes_json(tmp_path, monkeyp
     assert calls == [n_pool]  # every stage over the pool, once
     document = json.loads(out.read_text())
     assert document["split_seed"] == spec.split_seed and document["heldout_digest"] == spec.heldout_digest
-    assert [r["key"] for r in document["rules"]] == ["paper", "paper-no-se", "no-change", "budget"]
+    assert [r["key"] for r in document["rules"]] == ["paper", "paper-no-se", "no-change", "budget", "budget-net",
+                                                       "budget-shared", "budget-per-exit"]
     assert document["fit_rows"] == spec.meta["validation"]["n"] and document["splits"] == 3
     for rule in document["rules"]:
         assert len(rule["per_split"]["loss_pp"]) == 3

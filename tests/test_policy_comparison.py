@@ -47,7 +47,8 @@ def test_each_policy_is_compared_with_standard_and_judged_against_its_own_promis
     rng = np.random.default_rng(0)
     standard = run("standard", "standard", records(rng, action_of=lambda s: "full", latency_ms=10.0, wrong_rows=set()))
     # paper: exits everything and gets 4 of 200 rows wrong (2 pp); budget: 1 wrong row (0.5 pp)
-    # and sheds every 5th request under an SLO of 2 ms it cannot meet (p95 3 ms).
+    # and sheds every 5th request under an SLO of 2 ms it cannot meet (p95 3 ms): the shed requests
+    # count as lost accuracy in "budget held" (refusals inside the promise).
     paper = run("bio-paper", "bio", records(rng, action_of=lambda s: "exit", latency_ms=2.0, wrong_rows={0, 1, 2, 3}),
                 {"policy": "paper"})
     budget = run("bio", "bio", records(rng, action_of=lambda s: "shed" if s % 5 == 0 else "exit", latency_ms=3.0,
@@ -59,14 +60,14 @@ def test_each_policy_is_compared_with_standard_and_judged_against_its_own_promis
     assert by_policy["paper"]["budget_status"] is None and by_policy["paper"]["shed"] == 0
     row = by_policy["budget"]
     assert row["shed"] == 200 and row["shed_rate"] == pytest.approx(0.2)
-    assert row["accuracy_spent_pp"] == pytest.approx(0.5, abs=0.3)
-    # Decided on the bounds: one wrong row in 200 leaves the upper bound well past 0.5 pp.
+    assert row["accuracy_spent_answered_pp"] == pytest.approx(0.5, abs=0.3)  # on answers alone
+    assert row["accuracy_spent_pp"] == pytest.approx(row["accuracy_loss_pp"]) and row["accuracy_spent_pp"] > 15
+    assert row["refused_scored_wrong"] == 200
     lo, hi = row["accuracy_spent_bounds95_pp"]
-    assert lo <= row["accuracy_spent_pp"] <= hi and hi > 0.5 and row["budget_status"] == "inconclusive"
-    assert row["accuracy_loss_pp"] > 15  # shed requests scored as wrong in the claim, not in what was spent
+    assert lo > 0.5 and row["budget_status"] == "not_held"  # 200 shed of 1,000: far past the budget
     assert row["p95_ms"] == pytest.approx(3.0) and row["held_slo"] is False
     line = verdict_line(summary)
-    assert "bio (budget): budget inconclusive (spent" in line
+    assert "bio (budget): budget not held (spent" in line and "200 shed or rejected, counted as lost" in line
     assert "SLO not held (p95 3.0 > 2 ms, 20.0 % shed)" in line and "bio-paper (paper)" not in line
     table = _md_table(POLICY_HEADER, _policy_rows(summary))
     assert "| bio-paper | paper |" in table and "| bio | budget |" in table and "(NO)" in table
@@ -105,15 +106,16 @@ def test_slo_series_over_time_recover_the_planted_shedding_and_p95():
         late = r["seq"] >= 500
         if r["latency_ms"] is not None:
             r["latency_ms"] = 8.0 if late else 2.0
-        r.update(slo_p95_ms=5.0, slo_seen_p95_ms=8.0 if late else 2.0, slo_threshold=0.2,
-                 shed_probability=0.25 if late else 0.0, threshold=0.2)
-    bio = run("bio", "bio", recs, budget_state(slo_p95_ms=5.0) | {"budget": {**budget_state(5.0)["budget"], "ceiling": 0.2}})
+        r.update(slo_p95_ms=5.0, slo_seen_p95_ms=8.0 if late else 2.0, slo_threshold=1.0 if late else 0.5,
+                 shed_probability=0.25 if late else 0.0, threshold=0.2, path_index=40 if late else 20)
+    bio = run("bio", "bio", recs, budget_state(slo_p95_ms=5.0) | {"budget": {**budget_state(5.0)["budget"],
+                                                                             "ceiling_index": 40}})
     series = per_second(bio)
     assert list(series["second"]) == list(range(10))
     assert series["p95_ms"][:5] == pytest.approx([2.0] * 5) and series["p95_ms"][5:] == pytest.approx([8.0] * 5)
     assert series["shed_rate"][:5] == pytest.approx([0.0] * 5) and series["shed_rate"][5:] == pytest.approx([0.25] * 5)
     assert series["shed_probability"][5:] == pytest.approx([0.25] * 5)
-    assert series["threshold"] == pytest.approx([0.2] * 10)
+    assert series["level"] == pytest.approx([0.5] * 5 + [1.0] * 5)  # the path index over the ceiling's
     png = slo_over_time([bio])
     assert png is not None and png.startswith(b"\x89PNG")
     paper = run("bio", "bio", records(rng, action_of=lambda s: "exit", latency_ms=2.0, wrong_rows=set()), {"policy": "paper"})

