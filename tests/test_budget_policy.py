@@ -94,9 +94,10 @@ def test_digits_certifies_from_its_validation_split(digits_spec, digits_backend)
     controller = make_controller(config, digits_spec, digits_backend)
     cert = controller.budget.calibration
     assert cert.certified and cert.n_validation == len(digits_spec.load_validation()[1])
-    assert cert.kind == "per-exit" and cert.n_screen + cert.n_test == cert.n_validation
-    default = make_controller(ControllerConfig(policy="budget"), digits_spec, digits_backend).budget.calibration
-    assert default.kind == "shared" and default.n_test == default.n_validation  # 0.5 pp: too few rows to screen on
+    assert cert.kind == "shared" and cert.n_test == cert.n_validation  # 503 rows: too few to screen on
+    per_exit = make_controller(replace(config, budget_path="per-exit"), digits_spec, digits_backend).budget
+    assert per_exit.calibration.kind == "per-exit"
+    assert per_exit.calibration.n_screen + per_exit.calibration.n_test == cert.n_validation
     assert all(0 < t <= 1 for t in controller.budget.ceiling)
     with pytest.raises(ConfigError, match="smallest its test rows can certify"):
         make_controller(ControllerConfig(policy="budget", accuracy_budget_pp=0.1), digits_spec, digits_backend)

@@ -137,7 +137,9 @@ def test_the_net_p_value_nets_fixes_against_harms():
 
 def test_auto_chooses_by_row_count_alone():
     assert resolve_kind("auto", 503, 0.005, 0.1) == "shared"
-    assert resolve_kind("auto", 3060, 0.005, 0.1) == "per-exit"
+    assert resolve_kind("auto", 3060, 0.005, 0.1) == "shared"  # a 2,040-row test part allows 5 harms
+    assert resolve_kind("auto", 6000, 0.005, 0.1) == "per-exit"
+    assert resolve_kind("auto", 3060, 0.02, 0.1) == "per-exit"
     with pytest.raises(ConfigError, match="budget path must be one of"):
         resolve_kind("diagonal", 100, 0.005, 0.1)
 
