@@ -64,7 +64,9 @@ def controller_config(args, spec, backend=None):
 
 
 def tau_inf_is_explicit(args) -> bool:
-    """Whether the user set τ∞ (flag or the TOML file), rather than the model's calibration."""
+    """Whether the user set τ∞ (flag or the TOML file, at every exit or per exit), rather than the
+    model's calibration."""
     from targets.controller_config import read_toml
 
-    return args.tau_inf is not None or (args.config is not None and "tau_inf" in read_toml(args.config))
+    return args.tau_inf is not None or (args.config is not None
+                                        and bool({"tau_inf", "exit_tau_inf"} & set(read_toml(args.config))))

@@ -237,13 +237,13 @@ def rule_record(spec: ModelSpec, config, explicit_tau_inf: bool = False) -> dict
     """Which rule set the exit thresholds of ``spec`` under ``config`` (a ControllerConfig: its
     ``policy`` and ``uncertainty``), and on which split: ``{"rule", "version", "split_seed",
     "heldout_digest"}`` (split fields None for a model.json without ``split``). The budget policy's
-    rule is its certificate (:data:`targets.certify.CERTIFICATE_NAME`); the paper policy's is
+    rule is its certificate (:data:`targets.certified_path.PATH_NAME`); the paper policy's is
     :data:`RULE_NAME`, or ``"model.json"`` (version None) when the thresholds are stored there, or
     ``"explicit tau_inf"`` when the user set τ∞ under the paper policy. Reads model.json only: nothing is computed."""
     from targets.certified_path import PATH_NAME, PATH_VERSION
 
     stored = spec.controller_hints.get("calibration") or {}
-    if config.policy == "budget":  # its certified ceiling bounds every exit, whatever τ∞ is
+    if config.policy == "budget":  # its certified path bounds every exit, whatever τ∞ is
         rule, version = PATH_NAME, PATH_VERSION
     elif explicit_tau_inf:
         rule, version = "explicit tau_inf", None

@@ -266,3 +266,15 @@ def test_the_slo_loop_loosens_under_violation_and_tightens_when_met_comfortably(
     # falls back), then its level falls by 0.01 per period met comfortably.
     assert all(b <= a for a, b in zip(levels, levels[1:])) and levels[-1] <= 0.9
     assert controller.path_point()[0] < ceiling and controller.path_point()[0] >= resting
+
+
+def test_serve_rests_mid_path_unless_told_otherwise(start_gateway):
+    """`serve` defaults to --spend adaptive (a server spends accuracy when it buys something);
+    --spend ceiling is honoured; the state says which."""
+    adaptive = start_gateway("--controller", "bio", "--policy", "budget", "--accuracy-budget-pp", "2", "--energy", "off")
+    ceiling = start_gateway("--controller", "bio", "--policy", "budget", "--accuracy-budget-pp", "2", "--energy", "off",
+                            "--spend", "ceiling")
+    with httpx.Client(timeout=30) as client:
+        assert client.get(f"{adaptive.url}/v2/controller").json()["budget"]["spend"] == "adaptive"
+        state = client.get(f"{ceiling.url}/v2/controller").json()
+    assert state["budget"]["spend"] == "ceiling" and state["config"]["tau_inf"] == 0.0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from targets.certify import (THRESHOLD_GRID, binomial_cdf, calibrate_budget, certify, exit_depths,
-                             exit_policy_losses, smallest_certifiable_budget)
+from targets.certified_path import calibrate_path, ladder_depths, row_outcomes
+from targets.certify import THRESHOLD_GRID, binomial_cdf, smallest_certifiable_budget
 from targets.errors import ConfigError
 
 
@@ -17,31 +17,39 @@ def test_binomial_tail_is_exact(k, n, p):
     assert binomial_cdf(k, n, p) == pytest.approx(stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300)
 
 
+def _no_loss_rows(n: int):
+    """n rows every exit answers as the full model does, all at u = 0.5."""
+    return np.full((n, 1), 0.5), np.zeros((n, 1), dtype=int), np.zeros(n, dtype=int), np.zeros(n, dtype=int)
+
+
 def test_smallest_certifiable_budget_and_refusal():
     assert smallest_certifiable_budget(180, 0.1) == pytest.approx(0.01271, abs=1e-5)
-    no_losses = np.zeros((3, 180), dtype=bool)
-    assert certify(no_losses, 0.0127, 0.1).index is None          # just below: even a perfect policy fails
-    assert certify(no_losses, 0.0128, 0.1).index == 2
-    assert not certify(no_losses, 0.005, 0.1).certified            # 0.5 pp needs about 460 rows
+    rows = _no_loss_rows(180)
+    assert not calibrate_path(*rows, 0.0127, 0.1, kind="shared").certified  # just below: even a perfect policy fails
+    assert calibrate_path(*rows, 0.0128, 0.1, kind="shared").ceiling == len(THRESHOLD_GRID) - 1
+    assert not calibrate_path(*rows, 0.005, 0.1, kind="shared").certified   # 0.5 pp needs about 460 rows
 
 
 def test_fixed_sequence_stops_at_the_first_failure():
-    losses = np.zeros((4, 1000), dtype=bool)
-    losses[1, :30] = True          # 3 %: fails a 1 % budget
-    cert = certify(losses, 0.01, 0.1)
-    assert cert.index == 0 and len(cert.p_values) == 2  # threshold 2 (no loss) is never reached
+    """Rows at u = 0.3 are wrong at the exit (3 %: fails a 1 % budget), rows at u = 0.6 right:
+    the path stops before 0.3 and never reaches the loss-free thresholds past it."""
+    u = np.where(np.arange(1000) < 30, 0.3, 0.1)[:, None]
+    exits = np.where(np.arange(1000) < 30, 1, 0)[:, None]
+    cal = calibrate_path(u, exits, np.zeros(1000, dtype=int), np.zeros(1000, dtype=int), 0.01, 0.1, kind="shared")
+    assert cal.points[cal.ceiling][0] <= 0.3 < cal.points[cal.ceiling + 1][0]
+    assert len(cal.p_values) == cal.ceiling + 2  # nothing tested after the first failure
 
 
 @pytest.mark.parametrize("budget, delta", [(0.0, 0.1), (0.005, 1.0), (1.5, 0.1)])
 def test_bad_budget_or_risk_is_a_config_error(budget, delta):
     with pytest.raises(ConfigError):
-        certify(np.zeros((1, 10)), budget, delta)
+        calibrate_path(*_no_loss_rows(10), budget, delta)
 
 
 def test_depth_is_the_first_exit_below_the_threshold():
     u = np.array([[0.5, 0.1], [0.05, 0.9], [0.8, 0.7]])
-    depth = exit_depths(u, np.array([0.0, 0.2, 0.6, 1.0]))
-    assert depth.tolist() == [[2, 2, 2], [1, 0, 2], [0, 0, 2], [0, 0, 0]]
+    depths = [ladder_depths(u, [t, t]).tolist() for t in (0.0, 0.2, 0.6, 1.0)]
+    assert depths == [[2, 2, 2], [1, 0, 2], [0, 0, 2], [0, 0, 0]]
 
 
 def synthetic_population(rng: np.random.Generator, n: int):
@@ -57,23 +65,25 @@ def synthetic_population(rng: np.random.Generator, n: int):
 
 
 def test_the_budget_holds_in_at_least_1_minus_delta_of_200_calibration_draws():
+    """The shared path's certificate against a naive rule (the loosest threshold whose *empirical*
+    risk is within budget), on a synthetic ladder whose true risk is known from 200,000 rows."""
     budget, delta, n_cal = 0.01, 0.1, 1500
     rng = np.random.default_rng(0)
-    population = synthetic_population(rng, 200_000)
-    true_losses, _ = exit_policy_losses(*population, THRESHOLD_GRID)
-    true_risk = true_losses.mean(axis=1)
+    u, exits, full, labels = synthetic_population(rng, 200_000)
+    exit_right, full_right = exits == labels[:, None], full == labels
+    true_risk = np.array([row_outcomes(u, exit_right, full_right, [t, t])[1].mean() for t in THRESHOLD_GRID])
     exceed_ltt = exceed_naive = certified = 0
     exit_rates = []
     for draw in range(200):
-        idx = np.random.default_rng(1000 + draw).choice(len(population[0]), n_cal, replace=False)
-        sample = tuple(a[idx] for a in population)
-        calibration = calibrate_budget(*sample, budget=budget, delta=delta)
-        if calibration.threshold is not None:
+        idx = np.random.default_rng(1000 + draw).choice(len(u), n_cal, replace=False)
+        calibration = calibrate_path(u[idx], exits[idx], full[idx], labels[idx], budget, delta, kind="shared")
+        if calibration.certified:
             certified += 1
             exit_rates.append(calibration.exit_rate)
-            exceed_ltt += true_risk[calibration.certificate.index] > budget
-        losses, _ = exit_policy_losses(*sample, THRESHOLD_GRID)
-        naive = np.flatnonzero(losses.mean(axis=1) <= budget).max()  # "empirical loss within budget"
+            exceed_ltt += true_risk[calibration.ceiling] > budget
+        empirical = np.array([row_outcomes(u[idx], exit_right[idx], full_right[idx], [t, t])[1].mean()
+                              for t in THRESHOLD_GRID])
+        naive = np.flatnonzero(empirical <= budget).max()
         exceed_naive += true_risk[naive] > budget
     print(f"exceed ltt {exceed_ltt}, naive {exceed_naive}, certified {certified}, exit rate {np.mean(exit_rates):.3f}")
     assert exceed_ltt <= delta * 200, exceed_ltt
