@@ -16,12 +16,13 @@ How the path is made (:func:`calibrate_path`, ``path`` setting):
   design of Ringel et al., "Early Time Classification with Accumulated Accuracy Gap Control",
   ICML 2024). A seeded third of the validation rows (the *screen* part) orders the vectors:
   starting from all zeros, each step loosens the one exit whose next grid threshold buys the most
-  saving (stage costs) per unit of risk added on the screen rows (:func:`greedy_path`). The other
+  saving (stage costs; every stage one in use) per unit of risk added on the screen rows
+  (:func:`greedy_path`). The other
   two thirds (the *test* part) certify it. The screen rows never enter a p-value, so the path is
   fixed before the test rows are looked at, as fixed-sequence testing requires.
 * ``shared``: the data-free path (λ, …, λ) over :data:`THRESHOLD_GRID`, tested on every validation
   row: one threshold at every exit (what Jazbec et al., "Fast yet Safe: Early-Exiting with Risk
-  Control", NeurIPS 2024, control). No screen rows are spent, so it certifies from fewer rows.
+  Control", NeurIPS 2024, control). No screen rows are spent, so it can certify with fewer rows.
 * ``auto`` (default): ``per-exit`` when the test part alone could certify the budget with at least
   :data:`AUTO_MIN_HARMS` harmed rows observed (a property of n, B and δ, never of the data), else
   ``shared``: screening pays only when the test part has room to spare.

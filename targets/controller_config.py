@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
+from targets.certified_path import LOSSES, PATH_KINDS
 from targets.errors import ConfigError
 
 UNCERTAINTIES = ("entropy", "least_confidence", "margin")
@@ -22,8 +23,7 @@ SKIP_ACTIONS = ("exit", "cache", "reject")
 POLICIES = ("paper", "budget")
 OVERLOAD_ACTIONS = ("reject", "queue")
 SPEND_MODES = ("ceiling", "adaptive")  # budget policy: see targets.budget_policy
-BUDGET_LOSSES = ("harm", "net")  # budget policy: the certified risk, see targets.certified_path
-BUDGET_PATHS = ("auto", "per-exit", "shared")
+BUDGET_LOSSES, BUDGET_PATHS = LOSSES, PATH_KINDS  # budget policy: the certified risk and family
 DEFAULT_TAU_INF = 0.8
 
 

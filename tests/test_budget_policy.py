@@ -233,10 +233,13 @@ def test_adaptive_spend_through_a_gateway_follows_rising_then_falling_load(start
     with httpx.Client(base_url=gateway.url, timeout=60) as client:
         after = [send(client, i) for i in range(30)]
         metrics = client.get("/metrics").text
-    assert ceiling > 2
-    assert set(before[5:]) == {ceiling // 2}  # at rest: the middle of the certified path
+    assert ceiling > 4
+    # At rest: the middle of the certified path (τ(t)'s last decay, or the recent p95 over a 10 s
+    # objective, may move the level by a hair across a point's edge).
+    middle = {ceiling // 2 - 1, ceiling // 2, ceiling // 2 + 1}
+    assert set(before[5:]) <= middle
     assert during.count(ceiling) > 0 and max(during) == ceiling  # congestion: the ceiling, never past it
-    assert set(after[5:]) == {ceiling // 2}
+    assert set(after[5:]) <= middle
     assert "green_mlops_path_level" in metrics and 'green_mlops_exit_threshold_ceiling{exit="3"}' in metrics
 
 

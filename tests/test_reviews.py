@@ -84,7 +84,7 @@ def test_ladder_directory_follows_the_contract(small_reviews):
     split = meta["build"]["split"]
     evaluation, validation = np.load(directory / "eval.npz"), np.load(directory / "validation.npz")
     assert evaluation["x"].shape == (split["heldout"], 32) == (80, 32) and evaluation["x"].dtype == np.int64
-    assert validation["x"].shape == (split["validation"], 32) == (40, 32)
+    assert validation["x"].shape == (split["validation"], 32) == (96, 32)
     assert not set(evaluation["source_index"]) & set(validation["source_index"])
     assert set(meta["build"]["accuracy"]["heldout"]) == {"exit1", "exit2", "exit3", "exit4", "exit5", "final"}
     assert any("epoch 1/1" in line for line in lines)  # progress lines
