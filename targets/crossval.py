@@ -131,12 +131,14 @@ def standard_rules(accuracy_budget_pp: float = 0.5, risk: float = 0.1) -> list[R
         Rule("budget", PATH_NAME, PATH_VERSION,
              f"budget policy's certificate as it runs by default: {accuracy_budget_pp:g} pp at δ = {risk:g}, "
              "the 'auto' path, the harm risk (the ceiling)", budget("harm", "auto")),
-        Rule("budget-net", PATH_NAME, PATH_VERSION, "the same with the net risk (harms − fixes, betting test)",
+        Rule("budget-net", PATH_NAME, PATH_VERSION, "the same with the net risk (harms − fixes, exact trinomial test)",
              budget("net", "auto")),
         Rule("budget-shared", PATH_NAME, PATH_VERSION,
              "the same on the shared path (one threshold at every exit, every row tests)", budget("harm", "shared")),
         Rule("budget-per-exit", PATH_NAME, PATH_VERSION,
              "the same on the per-exit path (screened on a third, tested on two thirds)", budget("harm", "per-exit")),
+        Rule("budget-net-shared", PATH_NAME, PATH_VERSION, "the net risk on the shared path",
+             budget("net", "shared")),
     ]
 
 

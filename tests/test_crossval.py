@@ -144,7 +144,7 @@ def test_crossval_command_runs_the_stages_once_and_writes_json(tmp_path, monkeyp
     document = json.loads(out.read_text())
     assert document["split_seed"] == spec.split_seed and document["heldout_digest"] == spec.heldout_digest
     assert [r["key"] for r in document["rules"]] == ["paper", "paper-no-se", "no-change", "budget", "budget-net",
-                                                       "budget-shared", "budget-per-exit"]
+                                                       "budget-shared", "budget-per-exit", "budget-net-shared"]
     assert document["fit_rows"] == spec.meta["validation"]["n"] and document["splits"] == 3
     for rule in document["rules"]:
         assert len(rule["per_split"]["loss_pp"]) == 3
