@@ -89,6 +89,13 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
                        help="budget policy: the certified family: per-exit thresholds screened on a third of the "
                             "validation split, one threshold shared by every exit, or 'auto' (default: per-exit "
                             "when the split is large enough)")
+    group.add_argument("--audit-rate", dest="audit_rate", type=float,
+                       help="budget policy, gateway: share of requests whose skipped stages the live audit runs "
+                            "to check the certificate still applies (default 0.02; 0 with --audit-idle-rate 0: off)")
+    group.add_argument("--audit-idle-rate", dest="audit_idle_rate", type=float,
+                       help="the audit's share when the request is the only one in flight (default 0.25)")
+    group.add_argument("--audit-risk", dest="audit_risk", type=float,
+                       help="the live audit's false-alarm probability over a whole run (default 0.01)")
 
 
 def _add_mlflow_flags(parser: argparse.ArgumentParser) -> None:
@@ -319,6 +326,7 @@ def _run_serve(args) -> int:
     from green_mlops.models import resolve_model
     from targets.gateway import GatewaySettings, create_app
     from targets.budget_policy import DEFAULT_SERVE_SPEND
+    from targets.calibration import check_ladder
     from targets.controller_config import read_toml
     from targets.make_controller import make_controller
     from targets.cpus import cpu_list, serving_threads
@@ -331,6 +339,7 @@ def _run_serve(args) -> int:
     spec = resolve_model(args.model)
     intra_op_threads = args.intra_op_threads or serving_threads()
     backend = OnnxRuntimeTarget(spec, device=args.device, intra_op_threads=intra_op_threads)
+    check_ladder(spec, backend)  # a stage graph from another build: one line, exit 2, before serving
     # Calibration (and the budget policy's certificate) run in-process on the validation split.
     if args.spend is None and (args.config is None or "spend" not in read_toml(args.config)):
         args.spend = DEFAULT_SERVE_SPEND

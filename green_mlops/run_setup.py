@@ -50,7 +50,8 @@ def make_results_dir(path: Path | None) -> Path | None:
 
 CONTROLLER_FLAGS = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "uncertainty",
                     "skip_action", "capacity", "slo_ms", "policy", "accuracy_budget_pp", "risk", "slo_p95_ms",
-                    "overload_action", "spend", "budget_loss", "budget_path")
+                    "overload_action", "spend", "budget_loss", "budget_path", "audit_rate", "audit_idle_rate",
+                    "audit_risk")
 
 
 def controller_config(args, spec, backend=None):

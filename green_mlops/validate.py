@@ -39,7 +39,7 @@ from reports.bounds import STATUS_WORDS
 from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
 from reports.runs import ABLATION_FILE
-from targets.calibration import rule_line, rule_record
+from targets.calibration import check_ladder, rule_line, rule_record
 from targets.controller_config import read_toml
 from targets.errors import ConfigError, GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
@@ -90,6 +90,7 @@ def run_validate(args) -> int:
         require_mlflow()  # before the run: a missing extra must not cost a whole validation
     spec = resolve_model(args.model)
     backend = OnnxRuntimeTarget(spec, device=args.device)
+    ladder = check_ladder(spec, backend)  # a stage from another build: one line, exit 2, before any work
     policy_defaulted = args.policy is None and (args.config is None or "policy" not in read_toml(args.config))
     if policy_defaulted:
         args.policy = DEFAULT_VALIDATE_POLICY
@@ -116,6 +117,9 @@ def run_validate(args) -> int:
                   f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f} · policy {config.policy} · "
                   f"energy {', '.join(profiler.source_labels()) if profiler and profiler.sources else 'off'}",
                   highlight=False, markup=False)
+    if ladder is not None:
+        console.print(f"ladder check: chained stages equal full.onnx on {ladder['rows']} validation rows "
+                      f"(largest probability difference {ladder['max_abs_diff']:.1e})", highlight=False, markup=False)
     sampler = None
     if profiler is not None:
         sampler = Sampler(profiler, rate_hz=10.0, path=results / "ablation" / "timeline.jsonl")

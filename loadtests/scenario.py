@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import gevent
+import numpy as np
 from gevent.event import Event
 from gevent.pool import Pool
 from locust import FastHttpUser, LoadTestShape, constant, events, task
@@ -88,6 +90,7 @@ class _Run:
         self.results_dir: Path | None = None
         self.started_s: float | None = None
         self.data = None  # (model name, request bodies, labels)
+        self.drifted_bodies = None  # --drift-at-s: the same rows with noise planted
         self.schedule: Schedule | None = None
         self.spawn_rate: float | None = None  # -r as given (None: the shape's own)
         self.outbox: list[dict] = []  # a worker's records not yet shipped to the master
@@ -137,6 +140,12 @@ def _arguments(parser):
     group.add_argument("--country", default="USA", help="ISO alpha-3 code for CodeCarbon's CO2 intensity")
     group.add_argument("--controller-config", default="",
                        help="TOML [controller] file for the gateway the locustfile starts")
+    group.add_argument("--drift-at-s", type=float, default=-1.0,
+                       help="planted drift: from this many seconds into the run, every row is sent with Gaussian "
+                            "noise added (tensor inputs; default -1: no drift)")
+    group.add_argument("--drift-noise", type=float, default=1.0,
+                       help="planted drift: the noise's standard deviation, in units of each input feature's "
+                            "standard deviation over the evaluation rows (seeded by --seed)")
     group.add_argument("--backend", default="gateway", choices=("gateway", "triton"),
                        help="what --host is: the green-mlops gateway, or a Triton server (its <model>_full)")
 
@@ -184,6 +193,10 @@ def _init(environment, **_):
     spec = _resolve(options.model)
     if options.arrival_rate < 0:
         _exit_usage("--arrival-rate must be >= 0")
+    if options.drift_at_s >= 0 and spec.is_text:
+        _exit_usage(f"--drift-at-s plants noise in tensor inputs; model {spec.name} takes text")
+    if options.drift_at_s >= 0 and not (options.drift_noise > 0 and math.isfinite(options.drift_noise)):
+        _exit_usage("--drift-noise must be a finite number > 0")
     if options.schedule and options.arrival_rate <= 0:
         _exit_usage("--schedule replays an open-loop schedule: give --arrival-rate too (or use --arrival-rate "
                     "with the schedule's own rate)")
@@ -269,9 +282,8 @@ def _interrupt() -> None:
 
 
 def _resolve(model: str):
-    from green_mlops.models import resolve_model
-
     from targets.errors import GreenMLOpsError
+    from targets.registry import resolve_model
 
     try:
         return resolve_model(model)
@@ -508,7 +520,16 @@ def _load_data(options):
         bodies = [json.dumps({"inputs": [{"name": spec.input_name, "shape": [1, *x.shape[1:]],
                                           "datatype": datatype, "data": row.ravel().tolist()}]}).encode()
                   for row in x]
+        drifted = None
+        if options.drift_at_s >= 0:  # the same rows, shifted: what the audit must notice
+            rng = np.random.default_rng(options.seed)
+            scale = options.drift_noise * (x.std(axis=0, keepdims=True) + 1e-6)
+            noisy = (x + rng.standard_normal(x.shape) * scale).astype(x.dtype)
+            drifted = [json.dumps({"inputs": [{"name": spec.input_name, "shape": [1, *x.shape[1:]],
+                                               "datatype": datatype, "data": row.ravel().tolist()}]}).encode()
+                       for row in noisy]
         RUN.data = (spec.name, bodies, [int(v) for v in y])
+        RUN.drifted_bodies = drifted
     return RUN.data
 
 
@@ -536,6 +557,7 @@ class _InferUser(FastHttpUser):
         self.path = f"/v2/models/{_served_name(options)}/infer"
         self.shape = _shape_of(options)
         self.late_ms = options.late_ms
+        self.drift_at_s = options.drift_at_s if RUN.drifted_bodies is not None else None
         self.source = getattr(self.environment.runner, "client_id", "local")
 
     def send(self, row: int, intended_s: float | None, seq: int | None = None, zero_s: float | None = None) -> None:
@@ -548,12 +570,17 @@ class _InferUser(FastHttpUser):
                   "offset_s": t_ref - zero, "phase": self.shape.phase_at(t_ref - zero), "source": self.source,
                   "status": 0, "outcome": "cut_off", "reason": "not yet on the wire when the run ended",
                   "admitted": False, "action": None, "correct": False, "predicted": None, "tau": None, "u": None, "threshold": None,
-                  "path_index": None, "stage": None, "exit": None, **dict.fromkeys(SLO_FIELDS), "latency_ms": None, "service_ms": None, "late": False}
+                  "path_index": None, "stage": None, "exit": None, **dict.fromkeys(SLO_FIELDS),
+                  "certificate": None, "audited": None, "drifted": False,
+                  "latency_ms": None, "service_ms": None, "late": False}
+        body = self.bodies[row]
+        if self.drift_at_s is not None and record["offset_s"] >= self.drift_at_s:
+            body, record["drifted"] = RUN.drifted_bodies[row], True
         key = id(record)
         RUN.pending[key] = record
         me = id(gevent.getcurrent())
         try:
-            with self.client.post(self.path, data=self.bodies[row], name="infer", catch_response=True,
+            with self.client.post(self.path, data=body, name="infer", catch_response=True,
                                   headers={"Content-Type": "application/json",
                                             LABEL_HEADER: str(self.labels[row])}) as response:
                 done_s = time.time()
@@ -577,6 +604,7 @@ class _InferUser(FastHttpUser):
                 correct=outcome == "answered" and predicted == record["label"], predicted=predicted,
                 tau=parameters.get("tau"), u=parameters.get("u"), threshold=parameters.get("threshold"),
                 path_index=parameters.get("path_index"), stage=parameters.get("stage"), exit=parameters.get("exit"),
+                certificate=parameters.get("certificate"), audited=parameters.get("audited"),
                 **{name: parameters.get(name) for name in SLO_FIELDS})
         except BaseException as exc:  # killed at the end of the run (GreenletExit), or interrupted
             sent_s = _WIRE_S.pop(me, None)

@@ -329,6 +329,9 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
         spent = None if spent_all is None else spent_all["accuracy_loss_pp"]
         bio_p95 = request_figures(_measured(bio, c["warmup_s"] or 0.0))["p95_ms"]
         shed = sum(1 for r in bio.records if r.get("action") == "shed")
+        audit = state.get("audit") or {}
+        void_offsets = [r["offset_s"] for r in bio.records
+                        if r.get("certificate") == "void" and r.get("offset_s") is not None]
         rows.append({
             "run": bio.name, "policy": run_policy(bio),
             "latency_reduction_pct": c["latency_reduction_pct"],
@@ -350,6 +353,13 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
             "slo_unreachable_periods": slo.get("unreachable"), "slo_violated_periods": slo.get("violations"),
             "service_p95_ms": slo.get("service_p95_ms"),
             "condition_differences": c["condition_differences"],
+            # The live audit (targets.audit): whether the certificate still applied, and from when not.
+            "audited": audit.get("audited"), "audit_disagreement": audit.get("disagreement"),
+            "audit_reference": audit.get("reference"),
+            "certificate_state": budget.get("certificate_state"),
+            "certificate_void_at_s": min(void_offsets) if void_offsets else None,
+            "certificate_void_reason": budget.get("void_reason"),
+            "certificate_void_after_audited": audit.get("void_after_audited"),
         })
     return rows
 
@@ -668,6 +678,17 @@ def _promise_text(row: dict) -> str:
                      + ("" if service is None else f" (p95 {service:.2f} ms at the end)") + f" broke it{of}")
         words.append(f"SLO {'held' if row['held_slo'] else 'not held'} (p95 {row['p95_ms']:.1f} "
                      f"{'<=' if row['held_slo'] else '>'} {row['slo_p95_ms']:g} ms{shed})")
+    if row.get("certificate_state") == "void":
+        at = row.get("certificate_void_at_s")
+        words.insert(0, "guarantee BROKEN: the live audit voided the certificate"
+                     + ("" if at is None else f" at t = {at:.1f} s of the schedule")
+                     + ("" if row.get("certificate_void_after_audited") is None else
+                        f" after {row['certificate_void_after_audited']} audited rows")
+                     + f" ({row.get('certificate_void_reason')}); from then on every request ran the full model")
+    elif row.get("audited"):
+        words.append(f"certificate held under the live audit ({row['audited']} rows audited, disagreement "
+                     f"{100 * (row.get('audit_disagreement') or 0):.2f} % vs {100 * (row.get('audit_reference') or 0):.2f} % "
+                     "on validation)")
     return f"{row['run']} ({row['policy']}): " + ", ".join(words)
 
 
@@ -691,6 +712,8 @@ def verdict_line(summary: dict) -> str:
     else:
         validity_text = (f"load test INVALID ({len(summary['invalid_reasons'])} measurement rule(s) broken, "
                          "listed above: its claims decide nothing)")
+    if not summary["valid"]:  # an invalid run leads with it: its claims decide nothing
+        return "verdict: " + " · ".join([validity_text, *text])
     return "verdict: " + " · ".join([*text, validity_text])
 
 

@@ -78,11 +78,28 @@ class BudgetPolicy:
         self.clamped = 0
         self.last_level = 0.0
         self.last_index = 0
+        self.void_reason: str | None = None  # set by the live audit (targets.audit): the certificate no longer applies
+        self.void_at_s: float | None = None
+        self.void_after_audited: int | None = None
+
+    def void(self, reason: str, at_s: float, audited: int) -> None:
+        """The live audit found the inputs unlike the calibration data: from now on every request
+        runs the strict end of the path (the full model), and the state says why and when."""
+        with self._lock:
+            if self.void_reason is None:
+                self.void_reason, self.void_at_s, self.void_after_audited = reason, at_s, audited
+
+    @property
+    def certificate_state(self) -> str:
+        return "void" if self.void_reason is not None else "held"
 
     def point(self, lambda_j: float) -> tuple[int, tuple[float, ...]]:
         """``(index, per-exit thresholds)`` of the path point for the paper's λ_J, raised by the
-        SLO loop's level, at most the ceiling."""
+        SLO loop's level, at most the ceiling; the strict end (the full model) once the certificate
+        is void."""
         level = lambda_j if self.loop is None else max(lambda_j, self.loop.threshold)
+        if self.void_reason is not None:
+            level = 0.0
         if not math.isfinite(level):
             level = 1.0 if level > 0 else 0.0
         self.clamped += level > 1.0 + 1e-12
@@ -112,5 +129,6 @@ class BudgetPolicy:
                 "level": self.last_level, "path_index": self.last_index,
                 "thresholds": list(self.calibration.points[self.last_index]),
                 "overload_action": self.overload_action, "shed": self.shed, "clamped": self.clamped,
-                "certificate": self.calibration.as_dict(),
+                "certificate": self.calibration.as_dict(), "certificate_state": self.certificate_state,
+                "void_reason": self.void_reason, "void_at_s": self.void_at_s,
                 "slo": self.loop.state() if self.loop else None}

@@ -45,7 +45,7 @@ import numpy as np
 
 from targets.controller import uncertainty
 from targets.controller_config import UNCERTAINTIES
-from targets.errors import ConfigError
+from targets.errors import ConfigError, ModelDirError
 from targets.model_dir import ModelSpec
 
 LOSS_BUDGET_PP = 0.0
@@ -204,6 +204,42 @@ def _validation_outputs(spec: ModelSpec, backend) -> tuple[LadderOutputs, np.nda
                 backend = OnnxRuntimeTarget(spec, device="cpu")
             _CACHE[key] = ladder_outputs(backend, x)
         return _CACHE[key], y
+
+
+LADDER_TOLERANCE = 1e-3
+"""Chained stages against ``full.onnx``: the largest difference allowed in any class probability
+(float32 graphs of one network differ by about 1e-6)."""
+
+
+def check_ladder(spec: ModelSpec, backend=None, tolerance: float = LADDER_TOLERANCE) -> dict | None:
+    """The ladder's chained stages against ``full.onnx`` on the validation rows: every probability
+    within ``tolerance`` and every answer the same (a row whose two top classes are within
+    ``tolerance`` may answer either). ModelDirError, one line, when they are not: calibration
+    treats the last stage as the full model, so a stage graph from another training run would
+    certify the wrong network. ``{"rows", "max_abs_diff", "answers_differ"}``; None without a
+    validation split (nothing to check on)."""
+    if spec.validation_path is None:
+        return None
+    if backend is None:
+        from targets.ort_target import OnnxRuntimeTarget
+
+        backend = OnnxRuntimeTarget(spec, device="cpu")
+    outputs, _ = _validation_outputs(spec, backend)
+    x, _ = spec.load_validation()
+    full = np.concatenate([backend.full_probabilities(backend.check(x[i : i + 256])) for i in range(0, len(x), 256)])
+    chained = outputs.final
+    difference = np.abs(chained - full).max(axis=1)
+    answers_differ = chained.argmax(1) != full.argmax(1)
+    top_two = np.sort(full, axis=1)[:, -2:]
+    near_tie = (top_two[:, 1] - top_two[:, 0]) <= 2 * tolerance
+    bad = (difference > tolerance) | (answers_differ & ~near_tie)
+    if bad.any():
+        raise ModelDirError(
+            f"model {spec.name}: its chained stages do not reproduce full.onnx on {int(bad.sum())} of {len(x)} "
+            f"validation rows (answers differ on {int(answers_differ.sum())}; largest probability difference "
+            f"{float(difference.max()):.3g} > {tolerance:g}): the stage graphs and full.onnx come from different "
+            f"builds; rebuild the model directory")
+    return {"rows": len(x), "max_abs_diff": float(difference.max()), "answers_differ": int(answers_differ.sum())}
 
 
 def calibration_for(spec: ModelSpec, measure: str, backend=None, rule=None) -> ExitCalibration:

@@ -94,6 +94,9 @@ class PathCalibration:
     test_risks: tuple[float, ...]
     exit_rate: float | None
     depth_histogram: tuple[int, ...] | None
+    disagreements: tuple[int, ...] = ()
+    """Per point up to the ceiling: test rows whose answer there differs from the full model's (the
+    live audit's reference, :mod:`targets.audit`)."""
 
     @property
     def certified(self) -> bool:
@@ -127,7 +130,8 @@ class PathCalibration:
                 "smallest_certifiable_budget_pp": 100 * self.smallest_certifiable,
                 "exit_rate": self.exit_rate,
                 "depth_histogram": list(self.depth_histogram) if self.depth_histogram else None,
-                "test_risk_pp": [100 * r for r in self.test_risks], "p_values": list(self.p_values)}
+                "test_risk_pp": [100 * r for r in self.test_risks], "p_values": list(self.p_values),
+                "disagreements": list(self.disagreements)}
 
 
 def ladder_depths(u: np.ndarray, thresholds) -> np.ndarray:
@@ -270,7 +274,8 @@ def calibrate_path(u: np.ndarray, exit_predictions: np.ndarray, full_predictions
         points = [tuple([float(v)] * n_exits) for v in THRESHOLD_GRID]
         test = np.ones(n, dtype=bool)
     u_t, exit_t, full_t = u[test], exit_right[test], full_right[test]
-    ceiling, p_values, risks, depth_at_ceiling = None, [], [], None
+    exit_answers_t, full_answers_t = exit_predictions[test], np.asarray(full_predictions)[test]
+    ceiling, p_values, risks, depth_at_ceiling, disagreements = None, [], [], None, []
     known: dict[tuple[int, int], float] = {}  # p-value by (harms, fixes): neighbouring points often share them
     for index, point in enumerate(points):
         depth, harmed, fixed = row_outcomes(u_t, exit_t, full_t, point)
@@ -283,10 +288,13 @@ def calibrate_path(u: np.ndarray, exit_predictions: np.ndarray, full_predictions
         if p > delta:
             break
         ceiling, depth_at_ceiling = index, depth
+        served = np.where(depth < n_exits, exit_answers_t[np.arange(len(depth)), np.minimum(depth, n_exits - 1)],
+                          full_answers_t)
+        disagreements.append(int((served != full_answers_t).sum()))
     histogram = (None if depth_at_ceiling is None else
                  tuple(int(c) for c in np.bincount(depth_at_ceiling, minlength=n_exits + 1)))
     return PathCalibration(points=tuple(points), ceiling=ceiling, budget=budget, delta=delta, loss=loss, kind=kind,
                            n_validation=n, n_screen=int(n - test.sum()), n_test=int(test.sum()),
                            p_values=tuple(p_values), test_risks=tuple(risks),
                            exit_rate=None if depth_at_ceiling is None else float((depth_at_ceiling < n_exits).mean()),
-                           depth_histogram=histogram)
+                           depth_histogram=histogram, disagreements=tuple(disagreements))

@@ -5,7 +5,10 @@ running is decided (continue, or leave with that exit's answer or the skip actio
 that continue go on together as one sub-batch of hidden states, so no work is done twice. A
 two-stage model is the ladder with one exit. Without a controller (``controller=None``) every
 row runs the full model: the *standard* path of the paper's ablation. Every stage run and every
-decision happens inside ``predict``, so a caller timing it times them all.
+decision happens inside ``predict``, so a caller timing it times them all. With an auditor
+(:mod:`targets.audit`), a sampled request's rows are handed to it as they are answered (a copy of
+the hidden state a row left with, and a queue put): the stages they skipped run on the auditor's
+thread, after the answer.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from targets.audit import AuditJob, Auditor
 from targets.controller import (ACTION_CACHE, ACTION_FULL, ACTION_REJECT, BioController, Decision, input_key,
                                 uncertainty)
 from targets.errors import ConfigError
@@ -57,10 +61,12 @@ class ControlledTarget:
     signal while it runs; a server that measures arrival-to-answer itself passes False.
     """
 
-    def __init__(self, backend: EarlyExitBackend, controller: BioController | None, track_load: bool = True):
+    def __init__(self, backend: EarlyExitBackend, controller: BioController | None, track_load: bool = True,
+                 auditor: Auditor | None = None):
         self.backend = backend
         self.controller = controller
         self.track_load = track_load
+        self.auditor = auditor
         self.n_stages = backend.n_stages
         per_exit = controller.config.exit_tau_inf if controller is not None else None
         if per_exit is not None and len(per_exit) != self.n_stages - 1:
@@ -71,8 +77,9 @@ class ControlledTarget:
     def provider(self) -> str:
         return self.backend.provider
 
-    def predict(self, batch) -> list[Outcome]:
-        """Answer a batch; raises InputError for a batch that does not fit the model."""
+    def predict(self, batch, labels: list[int | None] | None = None) -> list[Outcome]:
+        """Answer a batch; raises InputError for a batch that does not fit the model. ``labels``
+        (the client's, one per row, when it sent them) go to the audit with the rows it samples."""
         batch = self.backend.check(batch)
         controller = self.controller
         if controller is None:
@@ -81,19 +88,20 @@ class ControlledTarget:
         if shed is not None:  # budget policy, SLO unmet at the ceiling: no model work at all
             return [Outcome(None, shed, 0) for _ in range(len(batch))]
         if not self.track_load:
-            return self._controlled(batch, controller)
+            return self._controlled(batch, controller, labels)
         started_ns = time.perf_counter_ns()
         for _ in range(len(batch)):
             controller.request_started()
         try:
-            return self._controlled(batch, controller)
+            return self._controlled(batch, controller, labels)
         finally:
             latency_ms = (time.perf_counter_ns() - started_ns) / 1e6
             for _ in range(len(batch)):
                 controller.request_finished(latency_ms)
 
-    def _controlled(self, batch: np.ndarray, controller: BioController) -> list[Outcome]:
+    def _controlled(self, batch: np.ndarray, controller: BioController, labels=None) -> list[Outcome]:
         backend, n_stages, n = self.backend, self.n_stages, len(batch)
+        auditor = self.auditor if self.auditor is not None and self.auditor.sample() else None
         kind = controller.config.uncertainty
         use_cache = controller.config.skip_action == ACTION_CACHE
         keys = [input_key(row) for row in batch] if use_cache else [None] * n
@@ -110,6 +118,9 @@ class ControlledTarget:
                     answers[i] = probabilities[r]
                     if use_cache:
                         controller.remember(keys[i], probabilities[r])
+                    if auditor is not None and point is not None:  # it ran the whole ladder: a sampled agreement, no work
+                        auditor.submit(AuditJob(n_stages, None, int(probabilities[r].argmax()), point[0],
+                                                _label(labels, i)))
                 break
             u = uncertainty(probabilities, kind)
             last_exit = index == n_stages - 2
@@ -127,8 +138,15 @@ class ControlledTarget:
                     answers[i] = probabilities[r] if cached is None else cached
                 elif decision.action != ACTION_REJECT:
                     answers[i] = probabilities[r]
+                    if auditor is not None and point is not None:
+                        auditor.submit(AuditJob(index + 1, np.array(hidden[r : r + 1]), int(probabilities[r].argmax()),
+                                                point[0], _label(labels, i)))
             if not going_on:
                 break
             running = [running[r] for r in going_on]
             x = hidden if len(going_on) == len(hidden) else hidden[going_on]
         return [Outcome(answers[i], decisions[i], left_at[i]) for i in range(n)]
+
+
+def _label(labels, i: int) -> int | None:
+    return labels[i] if labels is not None and i < len(labels) else None

@@ -122,6 +122,7 @@ class BioController:
         self._on_decision = on_decision
         self._lock = threading.Lock()
         self._in_flight = 0
+        self.auditor = None  # the live audit of the budget policy's certificate (targets.audit), when one runs
         self._latencies_ms: deque[float] = deque(maxlen=config.latency_window)
         self._slo_samples: deque[tuple[float, float, float]] = deque()  # (finished s, latency ms, service ms)
         self._since_p95 = 0
@@ -174,6 +175,11 @@ class BioController:
                 joules_per_request if previous is None else w * joules_per_request + (1 - w) * previous
             )
             self._energy_source = source
+
+    @property
+    def in_flight(self) -> int:
+        """Requests (or rows, when the caller counts rows) started and not yet finished."""
+        return self._in_flight
 
     def request_started(self) -> None:
         with self._lock:
@@ -314,6 +320,7 @@ class BioController:
                 "policy": self.config.policy,
                 "shed": self.shed,
                 "budget": None if self.budget is None else self.budget.state(),
+                "audit": None if self.auditor is None else self.auditor.state(),
                 "admission_rate_recent": (sum(recent) / len(recent)) if recent else None,
                 "cache_entries": len(self._cache),
                 "config": asdict(self.config),

@@ -54,6 +54,9 @@ class ControllerConfig:
     spend: str = "ceiling"  # budget policy: 'ceiling' rests at the certified ceiling, 'adaptive' below it
     budget_loss: str = "harm"  # budget policy: certify harms alone ('harm') or harms − fixes ('net')
     budget_path: str = "auto"  # budget policy: the certified family, 'per-exit' thresholds or one 'shared'
+    audit_rate: float = 0.02  # budget policy, served: share of requests the live audit checks (targets.audit)
+    audit_idle_rate: float = 0.25  # the same when the request is the only one in flight
+    audit_risk: float = 0.01  # the live audit's false-alarm probability over a whole run
 
     def tau_inf_at(self, exit_index: int) -> float:
         """τ∞ of exit ``exit_index`` (1-based)."""
@@ -63,7 +66,8 @@ class ControllerConfig:
 
     def __post_init__(self):
         numbers = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "slo_ms", "energy_ref_j",
-                   "energy_ewma_weight", "accuracy_budget_pp", "risk", "slo_p95_ms")
+                   "energy_ewma_weight", "accuracy_budget_pp", "risk", "slo_p95_ms", "audit_rate", "audit_idle_rate",
+                   "audit_risk")
         for name in numbers:
             value = getattr(self, name)
             if name in ("tau0", "slo_p95_ms") and value is None:
@@ -105,6 +109,11 @@ class ControllerConfig:
             raise ConfigError(f"controller.accuracy_budget_pp must be in (0, 100), got {self.accuracy_budget_pp}")
         if not 0 < self.risk < 1:
             raise ConfigError(f"controller.risk must be in (0, 1), got {self.risk}")
+        if not 0 <= self.audit_rate <= 1 or not self.audit_rate <= self.audit_idle_rate <= 1:
+            raise ConfigError(f"controller.audit_rate and audit_idle_rate must satisfy 0 <= audit_rate <= "
+                              f"audit_idle_rate <= 1, got {self.audit_rate} and {self.audit_idle_rate}")
+        if not 0 < self.audit_risk < 1:
+            raise ConfigError(f"controller.audit_risk must be in (0, 1), got {self.audit_risk}")
         if self.slo_p95_ms is not None and self.slo_p95_ms <= 0:
             raise ConfigError(f"controller.slo_p95_ms must be > 0, got {self.slo_p95_ms}")
         if self.skip_action not in SKIP_ACTIONS:

@@ -33,11 +33,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from targets.audit import Auditor, make_auditor
 from targets.controlled import ControlledTarget, EarlyExitBackend, Outcome
 from targets.controller import ACTION_REJECT, ACTION_SHED, BioController
 from targets.dashboard import install_dashboard
 from targets.errors import BackendError, InputError
 from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
+from targets.live import LABEL_HEADER
 from targets.model_dir import ModelSpec
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -145,7 +147,7 @@ def _error(status: int, message: str, headers: dict | None = None, **extra) -> J
 class _Metrics:
     """The gateway's Prometheus series, in a registry of its own (one per app)."""
 
-    def __init__(self, target: ControlledTarget, in_flight, queue_depth):
+    def __init__(self, target: ControlledTarget, in_flight, queue_depth, auditor: Auditor | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter("green_mlops_requests", "Infer requests by model, outcome and action",
                                 ["model", "outcome", "action"], registry=self.registry)
@@ -180,6 +182,11 @@ class _Metrics:
                       registry=self.registry).set_function(lambda: budget.last_index)
                 Gauge("green_mlops_shed_total", "Budget policy: requests shed (SLO unmet at the ceiling)",
                       registry=self.registry).set_function(lambda: budget.shed)
+                Gauge("green_mlops_certificate_void", "Budget policy: 1 once the live audit voided the certificate "
+                      "(every request then runs the full model)", registry=self.registry
+                      ).set_function(lambda: float(budget.void_reason is not None))
+                if auditor is not None:
+                    _audit_gauges(self.registry, auditor)
                 loop = budget.loop
                 if loop is not None:
                     Gauge("green_mlops_slo_p95_target_seconds", "Budget policy: the latency SLO on p95",
@@ -196,6 +203,49 @@ class _Metrics:
                           registry=self.registry).set_function(lambda: loop.threshold)
                     Gauge("green_mlops_shed_probability", "Budget policy: the SLO loop's shed probability",
                           registry=self.registry).set_function(lambda: loop.shed_probability)
+
+
+def _audit_gauges(registry, auditor: Auditor) -> None:
+    """The live audit's figures (targets.audit); a rate not known yet (no audited row) is NaN."""
+    def figure(key):
+        def read():
+            value = auditor.state()[key]
+            return float("nan") if value is None else float(value)
+        return read
+
+    for key, text in (("audited", "rows the live audit checked against the full model"),
+                      ("disagreed", "audited rows whose served answer differs from the full model's"),
+                      ("disagreement", "audited disagreement rate with the full model"),
+                      ("disagreement_low", "its anytime-valid lower bound (confidence sequence at the audit's risk)"),
+                      ("disagreement_high", "its anytime-valid upper bound"),
+                      ("reference", "the validation split's disagreement bound at the points the audited rows ran"),
+                      ("e_value", "the sequential test's wealth against 'no more disagreement than on validation' "
+                                  "(the certificate is void at 3/audit_risk)"),
+                      ("skipped", "sampled rows not audited: the audit queue was full")):
+        Gauge(f"green_mlops_audit_{key}", f"Live audit: {text}", registry=registry).set_function(figure(key))
+
+
+def _audit_parameters(controller) -> dict:
+    """The certificate's state as the live audit left it, and the rows it checked (budget policy)."""
+    budget = getattr(controller, "budget", None)
+    if budget is None:
+        return {}
+    auditor = getattr(controller, "auditor", None)
+    return {"certificate": budget.certificate_state, "audited": auditor.audited if auditor is not None else 0}
+
+
+def _labels(header: str | None) -> list[int | None] | None:
+    """The client's labels (``X-Green-MLOps-Label``, comma-separated), for the audit; a value that
+    is not an integer is None (labels are advisory: they never fail a request)."""
+    if not header:
+        return None
+    labels: list[int | None] = []
+    for value in header.split(","):
+        try:
+            labels.append(int(value))
+        except ValueError:
+            labels.append(None)
+    return labels
 
 
 def _slo_parameters(controller) -> dict:
@@ -290,23 +340,27 @@ def create_app(
     controller: BioController | None,
     settings: GatewaySettings = GatewaySettings(),
 ) -> FastAPI:
-    """A FastAPI app serving ``backend`` under ``controller`` (None: the standard path)."""
+    """A FastAPI app serving ``backend`` under ``controller`` (None: the standard path). Under the
+    budget policy the live audit (targets.audit) runs as the controller's config asks."""
     executor = BoundedExecutor(settings.max_concurrency, settings.max_queue)
+    auditor = make_auditor(backend, controller)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         executor.shutdown()
+        if auditor is not None:
+            auditor.stop()
 
     app = FastAPI(title="green-mlops gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
     # The gateway measures load itself, from the body read to the answer, queueing included.
-    target = ControlledTarget(backend, controller, track_load=False)
+    target = ControlledTarget(backend, controller, track_load=False, auditor=auditor)
     tokenizer = spec.load_tokenizer()  # text models: BYTES inputs are tokenised here, at the edge
     in_flight = [0]
     answered = [0]
     loop_turn = asyncio.Lock()  # serial_on_loop: one job at a time on the event loop
     app.state.answered_requests = lambda: answered[0]  # running count, for energy per request
-    metrics = _Metrics(target, lambda: in_flight[0], lambda: executor.pending)
+    metrics = _Metrics(target, lambda: in_flight[0], lambda: executor.pending, auditor)
     n_classes = len(spec.classes)
     metadata = {
         "name": spec.name,
@@ -370,25 +424,26 @@ def create_app(
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def answer(body: bytes, header_length: str | None, service_ms: list[float]):
+    def answer(body: bytes, header_length: str | None, service_ms: list[float], labels=None):
         """Worker-thread job: decode, check, predict, encode; (outcomes, body, media, headers).
         ``service_ms[0]`` is set to the model's work (predict), the service time the SLO loop
         tells from queueing."""
         decoded = decode_infer_request(body, header_length, spec.input_name, spec.input_dtype,
                                        settings.max_batch, tokenizer)
         predict_started_ns = time.perf_counter_ns()
-        outcomes = target.predict(decoded.batch)
+        outcomes = target.predict(decoded.batch, labels)
         service_ms[0] = (time.perf_counter_ns() - predict_started_ns) / 1e6
         if any(o.action in (ACTION_REJECT, ACTION_SHED) for o in outcomes):
             return outcomes, None, None, None
         probabilities = np.stack([o.probabilities for o in outcomes])
         content, headers = encode_infer_response(spec.name, decoded.request_id, probabilities,
-                                                 _decision_parameters(outcomes, _slo_parameters(target.controller)),
+                                                 _decision_parameters(outcomes, {**_slo_parameters(target.controller),
+                                                                                 **_audit_parameters(target.controller)}),
                                                  decoded.binary_output)
         media = "application/octet-stream" if decoded.binary_output else "application/json"
         return outcomes, content, media, headers
 
-    async def run(body: bytes, header_length: str | None, service_ms: list):
+    async def run(body: bytes, header_length: str | None, service_ms: list, labels=None):
         """The answer job, inline on the event loop when the gateway is otherwise idle (no other
         request in flight, none queued, a small body), else in the worker pool. Inline saves the
         two thread hand-offs (measured: most of the overhead above the HTTP floor at concurrency
@@ -400,17 +455,17 @@ def create_app(
             executor.reserve()
             try:
                 async with loop_turn:  # FIFO: the waiting requests are in flight, and queued
-                    return answer(body, header_length, service_ms)
+                    return answer(body, header_length, service_ms, labels)
             finally:
                 executor.release()
         if small and in_flight[0] == 1:
             await asyncio.sleep(0)  # let requests already received count themselves in flight
             if in_flight[0] == 1:
                 try:
-                    return executor.run_inline(answer, body, header_length, service_ms)
+                    return executor.run_inline(answer, body, header_length, service_ms, labels)
                 except NotIdle:
                     pass
-        return await asyncio.wrap_future(executor.submit(answer, body, header_length, service_ms))
+        return await asyncio.wrap_future(executor.submit(answer, body, header_length, service_ms, labels))
 
     async def read_body(request: Request) -> bytes | JSONResponse:
         """The body, or the 408/413 answer (Connection: close) that replaces it."""
@@ -461,7 +516,9 @@ def create_app(
         service_ms: list[float | None] = [None]
         try:
             try:
-                outcomes, content, media, headers = await run(body, request.headers.get(HEADER_LENGTH), service_ms)
+                labels = _labels(request.headers.get(LABEL_HEADER)) if auditor is not None else None
+                outcomes, content, media, headers = await run(body, request.headers.get(HEADER_LENGTH), service_ms,
+                                                              labels)
             except QueueFull:
                 outcome_label = "overloaded"
                 return _error(503, f"gateway busy: {settings.max_queue} requests already queued or "

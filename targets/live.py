@@ -101,8 +101,9 @@ class Row:
     admitted: bool | None
     j: float | None
     tau: float | None
-    exit_index: int | None  # 0-based stage at which the row left, when the answer says so
+    exit_index: int | None  # the 1-based exit of the row's last decision, when the answer says so
     predicted: int | None
+    stage: int | None = None  # stages the row ran, as the gateway counted them (0: shed before any work)
 
 
 def _argmax_rows(data, binary: bytes, shape: list) -> list[int]:
@@ -152,7 +153,7 @@ def parse_answer(body: bytes, header_length: str | None, predictions: bool = Tru
         return [Row(action=action if isinstance(action, str) else None,
                     admitted=_as_bool(parameters.get("admitted")), j=_as_float(parameters.get("j")),
                     tau=_as_float(parameters.get("tau")), exit_index=_as_int(exit_value),
-                    predicted=predicted[0])], rejected
+                    predicted=predicted[0], stage=_as_int(parameters.get("stage")))], rejected
     exit_key = next((k for k in EXIT_KEYS if k in parameters), None)
     columns = {
         "action": _split(parameters.get("action"), n),
@@ -160,23 +161,30 @@ def parse_answer(body: bytes, header_length: str | None, predictions: bool = Tru
         "j": _split(parameters.get("j"), n),
         "tau": _split(parameters.get("tau"), n),
         "exit": _split(parameters.get(exit_key), n) if exit_key else [None] * n,
+        "stage": _split(parameters.get("stage"), n),
     }
     rows = [Row(action=columns["action"][i] if isinstance(columns["action"][i], str) else None,
                 admitted=_as_bool(columns["admitted"][i]),
                 j=_as_float(columns["j"][i]), tau=_as_float(columns["tau"][i]),
-                exit_index=_as_int(columns["exit"][i]), predicted=predicted[i])
+                exit_index=_as_int(columns["exit"][i]), predicted=predicted[i],
+                stage=_as_int(columns["stage"][i]))
             for i in range(n)]
     return rows, rejected
 
 
 def exit_depth(row: Row, n_stages: int) -> int | None:
-    """Stages a row ran (1 = left at the first exit; ``n_stages`` = the full model).
+    """Stages a row ran (1 = left at the first exit; ``n_stages`` = the full model); None when it
+    ran none (shed) or the answer does not say.
 
-    From the answer's exit index when it gives one (ladders), else from the action of the
-    two-stage controller: ``full`` ran every stage, ``exit``/``cache``/``reject`` stage 1 only.
+    From the answer's ``stage`` when it gives one (the gateway's own count), else from its 1-based
+    ``exit`` and action (``full`` ran every stage; otherwise it left at that exit), else from the
+    action of the two-stage controller: ``full`` ran every stage, ``exit``/``cache``/``reject``
+    stage 1 only.
     """
+    if row.stage is not None:
+        return row.stage if row.stage >= 1 else None
     if row.exit_index is not None:
-        return row.exit_index + 1
+        return n_stages if row.action == "full" else row.exit_index
     if row.action == "full":
         return n_stages
     if row.action in ("exit", "cache", "reject"):
@@ -450,7 +458,7 @@ class LiveState:
                         "here): energy and CO2 are not known live"},
             "totals": totals,
             "latest": latest,
-            "verdict": self._verdict(totals, latest),
+            "verdict": self._verdict(totals, latest) + audit_lines(state),
             "counterfactual": counterfactual,
             "points": points,
         }
@@ -534,6 +542,48 @@ class LiveState:
                 "differ_rate": (t.cf_more_admitted + t.cf_fewer_admitted) / t.cf_rows,
                 "basis": "the paper's τ(t) = τ∞ + (τ0 − τ∞)·e^(−k·t) from this controller's config, "
                          "applied to the J value of each decision (t taken when its answer left)"}
+
+
+def audit_lines(state: dict | None) -> list[dict]:
+    """The live audit's verdict lines (see targets.audit): the certificate held or void, with the
+    audited disagreement against the validation split's, and the labelled rows paired against the
+    full model on the same rows when the client sent labels. None without a budget policy."""
+    audit = (state or {}).get("audit")
+    budget = (state or {}).get("budget") or {}
+    if not isinstance(audit, dict):
+        if budget:
+            return [{"name": "certificate (live audit)", "status": "unknown", "value": None,
+                     "detail": "the live audit is off (--audit-rate 0 --audit-idle-rate 0): nothing checks that "
+                               "the inputs still look like the calibration data"}]
+        return []
+    n = audit.get("audited") or 0
+    if audit.get("state") == "void":
+        detail = (f"void since t = {audit.get('void_at_s') or 0:.1f} s, after {audit.get('void_after_audited')} audited "
+                  f"rows: {audit.get('void_reason')}; every request now runs the full model")
+    elif n == 0:
+        detail = "no row audited yet"
+    else:
+        detail = (f"audited disagreement with the full model {100 * audit['disagreement']:.2f} % "
+                  f"[{100 * audit['disagreement_low']:.2f}, {100 * audit['disagreement_high']:.2f}] over {n} rows, "
+                  f"validation {100 * audit['reference']:.2f} % at the same points; test wealth "
+                  f"{audit['e_value']:.3g} (void at {audit['alarm_at']:.0f})")
+    lines = [{"name": "certificate (live audit)", "value": audit.get("disagreement"),
+              "status": "not_held" if audit.get("state") == "void" else "held" if n else "unknown",
+              "detail": detail}]
+    labelled = audit.get("labelled")
+    if isinstance(labelled, dict) and labelled.get("rows"):
+        budget_pp = (budget.get("certificate") or {}).get("budget_pp")
+        status = ("not_held" if labelled.get("rejected") else
+                  "held" if budget_pp is not None and 100 * labelled["harm_high"] <= budget_pp else "inconclusive")
+        lines.append({"name": "accuracy loss vs full model, same rows (audited, labelled)",
+                      "status": status, "value": labelled["loss_pp"], "target": budget_pp,
+                      "detail": f"served {100 * labelled['served_accuracy']:.2f} % vs full model "
+                                f"{100 * labelled['full_accuracy']:.2f} % on the same {labelled['rows']} rows "
+                                f"(harmed {labelled['harmed']}, fixed {labelled['fixed']}): "
+                                f"{labelled['loss_pp']:+.2f} pp against a {budget_pp:g} pp budget (rows harmed: at "
+                                f"most {100 * labelled['harm_high']:.2f} %, anytime-valid); the audit's labelled test "
+                                "voids the certificate when the loss is past the budget"})
+    return lines
 
 
 def _jsonable(value):
