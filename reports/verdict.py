@@ -175,15 +175,21 @@ def _measured(run: Run, since_s: float) -> list[dict]:
     return [r for r in run.records if r.get("offset_s") is None or r["offset_s"] >= since_s]
 
 
-def _paired_accuracy(bio_measured: list[dict], reference: dict) -> dict | None:
+def _paired_accuracy(bio_measured: list[dict], reference: dict, standard: list[dict] | None = None) -> dict | None:
     """Accuracy loss of bio against the full model on the same rows, with one-sided 95 % bounds:
-    the wider of exact Clopper–Pearson on the rows harmed and fixed and a cluster bootstrap by row."""
+    the wider of exact Clopper–Pearson on the rows harmed and fixed and a cluster bootstrap by row.
+    A row sent with a planted drift (``drifted``) is another input than the reference's: it is
+    paired with the ``standard`` run's answer to the same request (same schedule, same input),
+    or left out when there is none."""
     scored = [r for r in bio_measured if outcome(r) in (ANSWERED, REJECTED)]
+    standard_by_seq = {r["seq"]: r for r in standard or () if r.get("drifted") and outcome(r) == ANSWERED}
+    scored = [r for r in scored if not r.get("drifted") or r.get("seq") in standard_by_seq]
     if not scored:
         return None
     labels, full = np.asarray(reference["label"]), np.asarray(reference["full_predicted"])
-    rows = np.array([r["row"] for r in scored])
-    full_correct = (full[rows] == labels[rows]).astype(float)
+    rows = np.array([r["row"] if not r.get("drifted") else -1 - r["row"] for r in scored])
+    full_correct = np.array([bool(standard_by_seq[r["seq"]]["correct"]) if r.get("drifted")
+                             else full[r["row"]] == labels[r["row"]] for r in scored], dtype=float)
     bio_correct = np.array([bool(r["correct"]) for r in scored], dtype=float)
     loss = accuracy_loss_bounds(full_correct, bio_correct, rows)
     return {"accuracy_loss_pp": loss["accuracy_loss_pp"], "accuracy_loss_bounds95_pp": loss["accuracy_loss_bounds_pp"],
@@ -191,12 +197,13 @@ def _paired_accuracy(bio_measured: list[dict], reference: dict) -> dict | None:
             "full_accuracy_same_rows": float(full_correct.mean()),
             "bio_accuracy": float(bio_correct.mean()), "n_scored": len(scored),
             "rows_covered": int(len(np.unique(rows))),
+            "drifted_rows_paired_with_standard": sum(bool(r.get("drifted")) for r in scored),
             "rejected_scored_wrong": sum(outcome(r) == REJECTED for r in scored)}
 
 
 def _reference_agreement(standard_measured: list[dict], reference: dict) -> float | None:
     """Share of standard's answers equal to the reference's full answer (1.0: same model)."""
-    answered = _answered(standard_measured)
+    answered = [r for r in _answered(standard_measured) if not r.get("drifted")]  # a drifted row is another input
     if not answered:
         return None
     full = reference["full_predicted"]
@@ -288,7 +295,8 @@ def combine_replicates(pairs: list[tuple[Run, Run]]) -> dict:
     reference = next((b.reference or s.reference for s, b in pairs if b.reference or s.reference), None)
     if reference is not None and all(c.get("accuracy_paired") for c in comparisons):
         pooled = [r for (_, bio), c in zip(pairs, comparisons) for r in _measured(bio, c["warmup_s"] or 0.0)]
-        combined.update(_paired_accuracy(pooled, reference) or {})
+        drifted = [r for standard, _ in pairs for r in standard.records if r.get("drifted")]
+        combined.update(_paired_accuracy(pooled, reference, drifted) or {})
     return combined
 
 
@@ -324,8 +332,8 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
         if bio.reference or standard.reference:
             reference = bio.reference or standard.reference
             measured = _measured(bio, c["warmup_s"] or 0.0)
-            spent_all = _paired_accuracy(measured, reference)
-            answered = _paired_accuracy([r for r in measured if outcome(r) == ANSWERED], reference)
+            spent_all = _paired_accuracy(measured, reference, standard.records)
+            answered = _paired_accuracy([r for r in measured if outcome(r) == ANSWERED], reference, standard.records)
         spent = None if spent_all is None else spent_all["accuracy_loss_pp"]
         bio_p95 = request_figures(_measured(bio, c["warmup_s"] or 0.0))["p95_ms"]
         shed = sum(1 for r in bio.records if r.get("action") == "shed")
@@ -360,8 +368,26 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
             "certificate_void_at_s": min(void_offsets) if void_offsets else None,
             "certificate_void_reason": budget.get("void_reason"),
             "certificate_void_after_audited": audit.get("void_after_audited"),
+            "drift": _drift_harms(standard, bio),
         })
     return rows
+
+
+def _drift_harms(standard: Run, bio: Run) -> dict | None:
+    """A run with a planted drift: bio's drifted requests paired with standard's answers to the
+    same requests (the full model on the same input), split at the live audit's void: rows, rows
+    harmed (standard right, bio wrong) and fixed, in each part. None without drifted requests."""
+    answers = {r["seq"]: r for r in standard.records if r.get("drifted") and outcome(r) == ANSWERED}
+    paired = [(r, answers[r["seq"]]) for r in bio.records
+              if r.get("drifted") and outcome(r) == ANSWERED and r.get("seq") in answers]
+    if not paired:
+        return None
+    parts = {}
+    for name, void in (("certificate_held", False), ("after_void", True)):
+        part = [(b, s) for b, s in paired if (b.get("certificate") == "void") == void]
+        parts[name] = {"rows": len(part), "harmed": sum(s["correct"] and not b["correct"] for b, s in part),
+                       "fixed": sum(b["correct"] and not s["correct"] for b, s in part)}
+    return parts
 
 
 def compare_pair(standard: Run, bio: Run) -> dict:
@@ -412,7 +438,7 @@ def compare_pair(standard: Run, bio: Run) -> dict:
         "gateway_energy_fed": (bio.metadata.get("controller_state_at_end") or {}).get("energy_source"),
     }
     reference = bio.reference or standard.reference
-    paired = _paired_accuracy(bio_measured, reference) if reference is not None else None
+    paired = _paired_accuracy(bio_measured, reference, standard.records) if reference is not None else None
     if paired is not None:
         comparison.update(paired)
         comparison["standard_matches_reference"] = _reference_agreement(std_measured, reference)
@@ -684,12 +710,22 @@ def _promise_text(row: dict) -> str:
                      + ("" if at is None else f" at t = {at:.1f} s of the schedule")
                      + ("" if row.get("certificate_void_after_audited") is None else
                         f" after {row['certificate_void_after_audited']} audited rows")
-                     + f" ({row.get('certificate_void_reason')}); from then on every request ran the full model")
+                     + f" ({row.get('certificate_void_reason')}); from then on every request ran the full model"
+                     + _drift_text(row.get("drift")))
     elif row.get("audited"):
         words.append(f"certificate held under the live audit ({row['audited']} rows audited, disagreement "
                      f"{100 * (row.get('audit_disagreement') or 0):.2f} % vs {100 * (row.get('audit_reference') or 0):.2f} % "
                      "on validation)")
     return f"{row['run']} ({row['policy']}): " + ", ".join(words)
+
+
+def _drift_text(drift: dict | None) -> str:
+    if not drift:
+        return ""
+    def part(p):
+        return "no rows" if not p["rows"] else f"{100 * p['harmed'] / p['rows']:.2f} % of {p['rows']}"
+    return (f"; drifted rows harmed against the full model on the same request: {part(drift['certificate_held'])} "
+            f"before the void, {part(drift['after_void'])} after it")
 
 
 def verdict_line(summary: dict) -> str:

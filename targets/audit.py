@@ -38,6 +38,7 @@ import math
 import queue
 import random
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,42 +52,67 @@ AUDIT_RATE, AUDIT_IDLE_RATE, AUDIT_RISK = (ControllerConfig.audit_rate, Controll
 QUEUE_BOUND = 64  # audit jobs waiting; while full, no request is sampled
 BET_FRACTIONS = np.array([0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7])
 """The mixture's bets, as fractions of the most the null allows (c = 1 would stake everything)."""
+ADAPTIVE_WINDOW = 100  # samples the adaptive bet estimates the current rate from
+ADAPTIVE_PRIOR = 10.0  # pseudo-samples at the null's rate in that estimate
+ADAPTIVE_MAX = 0.9  # the adaptive bet never stakes more than this fraction
 AUDIT_NICE = 10  # the audit thread's niceness (Linux sets it per thread): it yields to requests
 
 
-def bet_log_factors(z, reference, lower: float) -> np.ndarray:
-    """log of each bet's wealth factor for an outcome ``z`` (≥ ``lower``) against the null
-    "E[z] ≤ ``reference``": 1 + c·(z − m)/(m − lower), c in :data:`BET_FRACTIONS`. Its expectation
-    under the null is at most 1 and it is never negative. ``z`` and ``reference`` may be arrays
-    (one sequence per row: the shape is ``z.shape + (len(BET_FRACTIONS),)``)."""
-    z = np.asarray(z, dtype=np.float64)[..., None]
-    m = np.asarray(reference, dtype=np.float64)[..., None]
-    return np.log1p(BET_FRACTIONS * (z - m) / (m - lower))
-
-
 class SequentialTest:
-    """An anytime-valid test of "E[z] ≤ m_i for every sample i" (m_i may change per sample),
-    z ≥ ``lower``: rejects, for good, once the mixture's wealth reaches 1/``delta``."""
+    """An anytime-valid test of "E[z] ≤ m_i for every sample i" (m_i may change per sample, and is
+    known before z_i is seen), z ≥ ``lower``: rejects, for good, once the wealth reaches 1/``delta``.
+
+    The wealth is half an *adaptive* bet and half a mixture of constant bets
+    (:data:`BET_FRACTIONS`). The adaptive bet stakes, before each sample, the Kelly fraction for
+    the rate of the last :data:`ADAPTIVE_WINDOW` samples (shrunk towards the null): near 0 while
+    the data look like the null, so a long clean run costs it almost nothing, and large soon after
+    a shift, so the alarm does not wait for the constant bets to earn back what the clean run cost
+    them. Every stake is chosen from past samples only, so the wealth stays a nonnegative
+    supermartingale under the null (Waudby-Smith & Ramdas 2024: any predictable bet is valid)."""
 
     def __init__(self, delta: float, lower: float = 0.0):
         self.delta, self.lower = delta, lower
         self.log_wealth = np.zeros(len(BET_FRACTIONS))
+        self.log_adaptive = 0.0
+        self._recent: deque[tuple[float, float]] = deque()  # (z, x = (z − m)/(m − lower)), the last window
+        self._sum_z = self._sum_x = self._sum_x2 = 0.0
         self.n = 0
         self.rejected_at: int | None = None  # the sample count at rejection
+
+    def adaptive_fraction(self, reference: float) -> float:
+        """The adaptive bet's stake for the next sample (a fraction of the most the null allows)."""
+        if not self._recent:
+            return 0.0
+        n = len(self._recent) + ADAPTIVE_PRIOR
+        if self.lower == 0.0:  # z in {0, 1}: the exact Kelly fraction for the recent rate
+            mean_z = (self._sum_z + ADAPTIVE_PRIOR * reference) / n
+            b = 1.0 / reference - 1.0
+            fraction = (mean_z * b - (1.0 - mean_z)) / b if b > 0 else 0.0
+        else:  # bounded z: the growth-optimal fraction to second order, E[x] / E[x²]
+            fraction = self._sum_x / max(self._sum_x2, 1e-12)
+        return min(max(fraction, 0.0), ADAPTIVE_MAX)
 
     def update(self, z: float, reference: float) -> bool:
         """Take one sample; True when the null is (or already was) rejected."""
         self.n += 1
         reference = max(reference, 1e-9)  # a reference of 0 still rejects on the first disagreement
-        self.log_wealth += bet_log_factors(z, reference, self.lower)
+        x = (z - reference) / (reference - self.lower)
+        self.log_adaptive += math.log1p(self.adaptive_fraction(reference) * x)
+        self.log_wealth += np.log1p(BET_FRACTIONS * x)
+        self._recent.append((z, x))
+        self._sum_z, self._sum_x, self._sum_x2 = self._sum_z + z, self._sum_x + x, self._sum_x2 + x * x
+        if len(self._recent) > ADAPTIVE_WINDOW:
+            old_z, old_x = self._recent.popleft()
+            self._sum_z, self._sum_x, self._sum_x2 = self._sum_z - old_z, self._sum_x - old_x, self._sum_x2 - old_x * old_x
         if self.rejected_at is None and self.e_value >= 1.0 / self.delta:
             self.rejected_at = self.n
         return self.rejected_at is not None
 
     @property
     def e_value(self) -> float:
-        top = float(self.log_wealth.max())
-        return math.exp(top) * float(np.mean(np.exp(self.log_wealth - top)))
+        top = max(float(self.log_wealth.max()), self.log_adaptive)
+        constant = float(np.mean(np.exp(self.log_wealth - top)))
+        return math.exp(top) * (0.5 * math.exp(self.log_adaptive - top) + 0.5 * constant)
 
 
 def rate_confidence_sequence(successes: int, n: int, delta: float, a: float = 0.5, b: float = 0.5) -> tuple[float, float]:

@@ -243,3 +243,65 @@ def test_saturation_in_process_bio(benchmark, name, sides, wrk):
 
     benchmark.pedantic(load, rounds=1, iterations=1)
     benchmark.extra_info.update({"seconds_per_request": done[1] / done[0], "requests_per_s": done[0] / done[1]})
+
+
+# --- the live audit's cost (issue 24): the budget policy's bio gateway with the audit at its
+# default rates (2 %, 25 % when idle) against the same gateway with it off, digits, in one run.
+AUDIT_FLAGS = ("--controller", "bio", "--policy", "budget", "--spend", "ceiling", "--k", "1e6", "--gamma", "0",
+               "--beta", "0")
+AUDIT_OFF = ("--audit-rate", "0", "--audit-idle-rate", "0")
+
+
+@pytest.fixture(scope="module")
+def audit_gateways(sides):
+    started: dict[str, GatewayProcess] = {}
+
+    def get(audit: str) -> GatewayProcess:
+        if audit not in started:
+            started[audit] = sides("digits").gateway(*AUDIT_FLAGS, *(AUDIT_OFF if audit == "off" else ()))
+        return started[audit]
+
+    return get
+
+
+@pytest.mark.benchmark(group="live audit, concurrency 1")
+@pytest.mark.parametrize("audit", ("on", "off"))
+def test_audit_c1(benchmark, audit, sides, audit_gateways):
+    side, gateway = sides("digits"), audit_gateways(audit)
+    connection, step = Connection(gateway), _cycle(len(side.bodies))
+    try:
+        benchmark.pedantic(lambda: connection.call("POST", side.path, side.bodies[step()]),
+                           rounds=1500, warmup_rounds=100)
+    finally:
+        connection.close()
+    if audit == "on":  # the audit ran: the comparison is not of two idle gateways
+        state = json.loads(_get(gateway, "/v2/controller"))["audit"]
+        assert state["audited"] > 0, state
+        benchmark.extra_info.update({"audited": state["audited"]})
+
+
+@pytest.mark.benchmark(group="live audit, saturation")
+@pytest.mark.parametrize("audit", ("on", "off"))
+def test_audit_saturation(benchmark, audit, sides, audit_gateways, wrk):
+    from loadtests.wrk import run_wrk
+
+    side, gateway = sides("digits"), audit_gateways(audit)
+    result: dict = {}
+
+    def load() -> None:
+        result.update(run_wrk(gateway.url, side.path, side.bodies, connections=16, duration_s=3.0, cpus=wrk))
+
+    benchmark.pedantic(load, rounds=1, iterations=1)
+    assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result
+    benchmark.extra_info.update({"seconds_per_request": 1.0 / result["requests_per_s"],
+                                 "requests_per_s": result["requests_per_s"], "wrk_p50_ms": result["p50_ms"]})
+
+
+def _get(gateway: GatewayProcess, path: str) -> str:
+    host, port = gateway.host_port.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
