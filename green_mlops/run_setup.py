@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from reports.console import wide_console
 from targets.errors import GreenMLOpsError
 
 EXIT_OK = 0
@@ -19,8 +20,8 @@ EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 # Markup off: user text such as "green-mlops[cpu]", "[controller]" or "[n, 1, 8, 8]" prints as is.
-stderr = Console(stderr=True, markup=False, highlight=False)
-stdout = Console(markup=False, highlight=False)
+stderr = wide_console(stderr=True, markup=False, highlight=False)
+stdout = wide_console(markup=False, highlight=False)
 
 
 def open_energy(args, results: Path | None):

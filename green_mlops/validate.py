@@ -25,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
+from reports.console import wide_console
 from targets.make_controller import make_controller
 from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERRUPTED, controller_config, make_results_dir, open_energy,
                                    stderr, tau_inf_is_explicit)
@@ -40,6 +41,7 @@ from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
 from reports.runs import ABLATION_FILE
 from targets.calibration import check_ladder, rule_line, rule_record
+from targets.certify import rows_needed
 from targets.controller_config import read_toml
 from targets.errors import ConfigError, GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
@@ -82,6 +84,20 @@ def budget_lines(budget: dict) -> list[str]:
             f"spend {budget['spend']}"]
 
 
+def fallback_words(config) -> str:
+    """What the paper policy's thresholds will do, exit by exit, in words (u* = 1 − τ∞/α)."""
+    taus = config.exit_tau_inf or (config.tau_inf,)
+    words = []
+    for k, tau in enumerate(taus, start=1):
+        u_star = 1.0 - tau / config.alpha if config.alpha > 0 else float("inf")
+        if u_star >= 1.0:
+            words.append(f"u* = {u_star:.2f} at exit {k}: every row reaching it leaves there"
+                         + (", later stages never run" if k < len(taus) or len(taus) == 1 else ""))
+            break
+        words.append(f"u* = {u_star:.2f} at exit {k}" + (": no row leaves there" if u_star <= 0 else ""))
+    return "; ".join(words)
+
+
 def run_validate(args) -> int:
     if args.repeats > 1 and args.load_arrival_rate <= 0 and not args.no_load:
         raise GreenMLOpsError("--repeats > 1 needs open loop (--load-arrival-rate > 0): replicates are paired by "
@@ -101,10 +117,13 @@ def run_validate(args) -> int:
     except ConfigError as exc:
         if not policy_defaulted:
             raise
-        stderr.print(f"budget policy unavailable for model {spec.name} ({exc}); running the paper's policy "
-                     "(--policy paper)", soft_wrap=True, highlight=False, markup=False)
         config = replace(config, policy="paper")
         controller = make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
+        stderr.print(f"budget policy unavailable for model {spec.name} ({exc}); the default budget "
+                     f"({config.accuracy_budget_pp:g} pp at δ = {config.risk:g}) needs at least "
+                     f"{rows_needed(config.accuracy_budget_pp / 100, config.risk):,} validation rows. Running the "
+                     f"paper's policy instead (--policy paper), uncertified: {fallback_words(controller.config)}",
+                     soft_wrap=True, highlight=False, markup=False)
     config = controller.config
     x, y = spec.load_eval()
     x_validation = spec.load_validation()[0] if args.sweep else None  # sweep points come from it: fail early
@@ -112,7 +131,7 @@ def run_validate(args) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = make_results_dir(args.results or Path(f"results/{stamp}-validate"))
     profiler = open_energy(args, make_results_dir(results / "ablation"))
-    console = Console()
+    console = wide_console()
     console.print(f"model {spec.name} · provider {backend.provider} · {len(order)} requests "
                   f"per mode over {len(x)} held-out inputs · τ∞ {config.tau_inf:.4f} · policy {config.policy} · "
                   f"energy {', '.join(profiler.source_labels()) if profiler and profiler.sources else 'off'}",

@@ -482,7 +482,7 @@ def _energy_totals(records: list[dict]) -> dict:
 
 
 def _print_summary(rows: list[dict]) -> None:
-    from rich.console import Console
+    from reports.console import wide_console
     from rich.table import Table
 
     def fmt(value, spec=".2f"):
@@ -497,7 +497,7 @@ def _print_summary(rows: list[dict]) -> None:
                       fmt(r["p95_ms"]), fmt(r["p99_ms"]), fmt(r["admission_rate"], ".1%"),
                       fmt(r["accuracy"], ".1%"), str(r["rejected"]), str(r["failed"]), str(r["cut_off"]),
                       str(r["late"]))
-    console = Console(stderr=True, markup=False, highlight=False)
+    console = wide_console(stderr=True, markup=False, highlight=False)
     console.print(table)
     console.print(f"records: {RUN.writer.path}", soft_wrap=True)
 

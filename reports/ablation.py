@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from reports.console import wide_console
 from reports.bounds import (HELD, INCONCLUSIVE, NOT_HELD, STATUS_WORDS, accuracy_loss_bounds, decide_at_least,
                             decide_at_most, n_to_decide_at_least, ratio_reduction_bounds, rows_to_decide_loss)
 from reports.stats import latency_summary, mean_reduction_pct
@@ -152,7 +153,7 @@ def _ms(value) -> str:
 
 
 def print_summary(summary: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or wide_console()
     table = Table(title=f"standard vs bio · model {summary['model']} · {summary['provider']} · "
                         "latency in ms")
     table.add_column("mode")
@@ -201,7 +202,7 @@ def _print_energy(summary: dict, console: Console) -> None:
 
 
 def print_sweep(points: list[dict], standard: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or wide_console()
     table = Table(title="τ∞ sweep (τ fixed, measured)")
     for name in ("τ∞", "admitted", "mean ms", "latency reduction", "accuracy"):
         table.add_column(name, justify="right")

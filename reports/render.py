@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from reports.console import wide_console
 from reports import plots, slo_plot
 from reports.runs import Run
 from reports.verdict import HELD, NOT_HELD
@@ -354,7 +355,7 @@ def _claims_table(title: str, claims: list[dict]) -> Table:
 def print_report(summary: dict, console: Console | None = None, verdict: bool = True) -> None:
     """The report on the console; it ends with the one verdict line (``verdict=False``: the
     caller prints it last, after its own lines)."""
-    console = console or Console()
+    console = console or wide_console()
     style = "bold green" if summary["valid"] else "bold red"
     console.print(f"[{style}]load test {_verdict(summary)}[/]")
     for reason in summary["invalid_reasons"]:

@@ -41,6 +41,12 @@ def smallest_certifiable_budget(n: int, delta: float) -> float:
     return 1.0 - delta ** (1.0 / n)
 
 
+def rows_needed(budget: float, delta: float) -> int:
+    """The fewest calibration rows that can certify ``budget`` at risk δ (with zero observed
+    losses: the least a split needs; rows the ladder harms raise it)."""
+    return max(1, math.ceil(math.log(delta) / math.log1p(-budget)))
+
+
 THRESHOLD_GRID = np.linspace(0.0, 1.0, 201)
 """The thresholds an exit can take, strictest first (λ = 0: nothing leaves early), fixed before
 any data is seen, as Learn-then-Test requires: the shared path runs over them, and the per-exit

@@ -365,7 +365,8 @@ def create_app(
     metadata = {
         "name": spec.name,
         "versions": ["1"],
-        "platform": "green-mlops/onnxruntime",
+        # What runs the stages: a Triton server behind the gateway, or ONNX Runtime in the gateway.
+        "platform": "green-mlops/triton" if target.provider.startswith("triton:") else "green-mlops/onnxruntime",
         "inputs": [{"name": spec.input_name, "datatype": datatype_of(spec.input_dtype),
                     "shape": list(spec.input_shape)}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, n_classes]}],

@@ -267,3 +267,54 @@ def test_the_gateway_reports_the_audit_in_its_state_metrics_and_answers(start_ga
     assert "green_mlops_audit_disagreement_high" in metrics
     names = [line["name"] for line in page["verdict"]]
     assert "certificate (live audit)" in names and "accuracy loss vs full model, same rows (audited, labelled)" in names
+
+
+def test_exit_depth_on_the_dashboard_and_in_metrics_equals_the_gateways_stage_counts(start_gateway, digits_eval):
+    """A 4-stage ladder under the paper policy (rows leave at every depth): the dashboard's and
+    Prometheus' rows by depth are the answers' own `stage` counts, batches included."""
+    from collections import Counter
+
+    from tests.test_gateway import infer_body
+
+    gateway = start_gateway("--controller", "bio", "--policy", "paper", "--tau-inf", "0.6", "--k", "50")
+    x = digits_eval[0]
+    stages: Counter = Counter()
+    with httpx.Client(base_url=gateway.url, timeout=60) as client:
+        time.sleep(0.2)
+        for i in range(0, 120, 3):
+            batch = x[i : i + (1 if i % 2 else 3)]
+            parameters = client.post("/v2/models/digits/infer", json=infer_body(batch)).json()["parameters"]
+            stages.update(int(s) for s in str(parameters["stage"]).split(","))
+        totals = client.get("/dashboard/state").json()["totals"]["exit_depth_counts"]
+        metrics = client.get("/metrics").text
+    assert len(stages) > 1, stages  # more than one depth, or the test shows nothing
+    assert {int(k): v for k, v in totals.items()} == dict(stages)
+    for depth, count in stages.items():
+        assert f'green_mlops_exit_depth_rows_total{{depth="{depth}"}} {float(count)}' in metrics
+
+
+def test_a_stage_from_another_build_is_one_line_and_exit_2(tmp_path, digits_spec, capsys):
+    """digits with stage 2's weights from another training run (perturbed): chained stages no
+    longer equal full.onnx; validate and serve say so in one line and exit 2 before any work."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx", reason="editing a graph needs the 'models' extra (onnx)")
+    from onnx import numpy_helper
+
+    from green_mlops.cli import main
+
+    model = tmp_path / "digits"
+    shutil.copytree(digits_spec.directory, model)
+    graph = onnx.load(model / "stage2.onnx")
+    rng = np.random.default_rng(0)
+    for initializer in graph.graph.initializer:
+        weights = numpy_helper.to_array(initializer)
+        if weights.dtype == np.float32 and weights.size > 16:
+            initializer.CopyFrom(numpy_helper.from_array(
+                (weights + rng.standard_normal(weights.shape).astype(np.float32) * weights.std()), initializer.name))
+    onnx.save(graph, model / "stage2.onnx")
+    for command in (["validate", "--model", str(model), "--no-load", "--requests", "50"],
+                    ["serve", "--model", str(model), "--port", "0", "--energy", "off"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "do not reproduce full.onnx" in err and "Traceback" not in err, err

@@ -166,7 +166,7 @@ def test_gateway_routes_to_triton(triton_server, start_gateway, digits_backend, 
     np.testing.assert_allclose(np.array(document["outputs"][0]["data"]).reshape(4, 10),
                                digits_backend.predict(x), atol=1e-5)
     metadata = httpx.get(f"{gateway.url}/v2/models/digits").json()
-    assert metadata["parameters"]["provider"].startswith("triton:")
+    assert metadata["parameters"]["provider"].startswith("triton:") and metadata["platform"] == "green-mlops/triton"
 
 
 def test_gateway_answers_503_or_falls_back_when_triton_dies(local_triton, triton_repo, start_gateway, digits_eval):
