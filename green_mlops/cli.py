@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rich.text import Text
 
-from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, controller_config,
-                                   make_results_dir, open_energy, stderr, stdout, tau_inf_is_explicit)
+from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
+                                   make_default_controller, make_results_dir, open_energy, stderr, stdout)
 from targets.errors import GreenMLOpsError
 
 DEFAULT_REPEATS = 3  # validate's load-stage replicates: the job takes about 2 min 15 s here (see the README)
@@ -67,8 +67,8 @@ def _add_controller_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slo-ms", type=float, dest="slo_ms", help="latency objective for ĉ, default 100")
     group.add_argument("--policy", choices=("paper", "budget"),
                        help="'paper': J ≤ τ(t) alone; 'budget': held inside a certified accuracy budget "
-                            "(default: budget for validate, falling back to paper when the model cannot certify one; "
-                            "paper for serve)")
+                            "(default: budget, for validate and serve alike, falling back to paper, with a one-line "
+                            "reason, when the model's validation split cannot certify one)")
     group.add_argument("--accuracy-budget-pp", type=float, dest="accuracy_budget_pp",
                        help="budget policy: accuracy loss against the full model, default 0.5 pp")
     group.add_argument("--risk", type=float, help="budget policy: δ, the certificate holds with probability "
@@ -328,7 +328,6 @@ def _run_serve(args) -> int:
     from targets.budget_policy import DEFAULT_SERVE_SPEND
     from targets.calibration import check_ladder
     from targets.controller_config import read_toml
-    from targets.make_controller import make_controller
     from targets.cpus import cpu_list, serving_threads
     from targets.ort_target import OnnxRuntimeTarget
 
@@ -343,8 +342,7 @@ def _run_serve(args) -> int:
     # Calibration (and the budget policy's certificate) run in-process on the validation split.
     if args.spend is None and (args.config is None or "spend" not in read_toml(args.config)):
         args.spend = DEFAULT_SERVE_SPEND
-    controller = None if args.controller == "off" else make_controller(
-        controller_config(args, spec, backend), spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
+    controller = make_default_controller(args, spec, backend)  # budget unless told (or unable): as validate
     if args.backend == "triton":
         from targets.triton_target import FallbackBackend, TritonTarget
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from reports.console import wide_console
 from targets.errors import GreenMLOpsError
 
@@ -72,3 +70,56 @@ def tau_inf_is_explicit(args) -> bool:
 
     return args.tau_inf is not None or (args.config is not None
                                         and bool({"tau_inf", "exit_tau_inf"} & set(read_toml(args.config))))
+
+
+DEFAULT_POLICY = "budget"
+"""The policy of ``validate`` and ``serve`` alike when neither flag nor TOML names one: the
+controller that holds its promise (a certified accuracy budget, audited live when serving);
+``--policy paper`` runs the paper's formula unbounded."""
+
+
+def make_default_controller(args, spec, backend):
+    """The controller ``args`` ask for (None for ``--controller off``). With no policy named, the
+    budget policy, certified here; a model whose validation split cannot certify the default
+    budget falls back to the paper's policy, saying first, in one line, why, how many validation
+    rows the budget needs and what the fallback's thresholds will do."""
+    from dataclasses import replace
+
+    from targets.certify import rows_needed
+    from targets.controller_config import read_toml
+    from targets.errors import ConfigError
+    from targets.make_controller import make_controller
+
+    if getattr(args, "controller", "bio") == "off":
+        return None
+    defaulted = args.policy is None and (args.config is None or "policy" not in read_toml(args.config))
+    if defaulted:
+        args.policy = DEFAULT_POLICY
+    config = controller_config(args, spec, backend)
+    try:
+        return make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
+    except ConfigError as exc:
+        if not defaulted:
+            raise
+        args.policy = "paper"
+        controller = make_controller(replace(config, policy="paper"), spec, backend,
+                                     explicit_tau_inf=tau_inf_is_explicit(args))
+        stderr.print(f"budget policy unavailable for model {spec.name} ({exc}); the default budget "
+                     f"({config.accuracy_budget_pp:g} pp at δ = {config.risk:g}) needs at least "
+                     f"{rows_needed(config.accuracy_budget_pp / 100, config.risk):,} validation rows. Running the "
+                     f"paper's policy instead (--policy paper), uncertified: {fallback_words(controller.config)}")
+        return controller
+
+
+def fallback_words(config) -> str:
+    """What the paper policy's thresholds will do, exit by exit, in words (u* = 1 − τ∞/α)."""
+    taus = config.exit_tau_inf or (config.tau_inf,)
+    words = []
+    for k, tau in enumerate(taus, start=1):
+        u_star = 1.0 - tau / config.alpha if config.alpha > 0 else float("inf")
+        if u_star >= 1.0:
+            words.append(f"u* = {u_star:.2f} at exit {k}: every row reaching it leaves there"
+                         + (", later stages never run" if len(taus) >= 1 else ""))
+            break
+        words.append(f"u* = {u_star:.2f} at exit {k}" + (": no row leaves there" if u_star <= 0 else ""))
+    return "; ".join(words)

@@ -26,9 +26,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from reports.console import wide_console
-from targets.make_controller import make_controller
-from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERRUPTED, controller_config, make_results_dir, open_energy,
-                                   stderr, tau_inf_is_explicit)
+from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERRUPTED, make_default_controller, make_results_dir,
+                                   open_energy, stderr, tau_inf_is_explicit)
 from green_mlops.models import resolve_model
 from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
 from loadtests.runner import LoadSpec, run_scenario
@@ -41,9 +40,7 @@ from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
 from reports.runs import ABLATION_FILE
 from targets.calibration import check_ladder, rule_line, rule_record
-from targets.certify import rows_needed
-from targets.controller_config import read_toml
-from targets.errors import ConfigError, GreenMLOpsError
+from targets.errors import GreenMLOpsError
 from targets.ort_target import OnnxRuntimeTarget
 
 
@@ -65,7 +62,6 @@ def _write_json(path: Path, document: dict) -> None:
         raise GreenMLOpsError(f"cannot write {path}: {exc}") from exc
 
 
-DEFAULT_VALIDATE_POLICY = "budget"  # validate's default: the controller that holds its promise (--policy paper: the paper's)
 
 
 def budget_lines(budget: dict) -> list[str]:
@@ -84,20 +80,6 @@ def budget_lines(budget: dict) -> list[str]:
             f"spend {budget['spend']}"]
 
 
-def fallback_words(config) -> str:
-    """What the paper policy's thresholds will do, exit by exit, in words (u* = 1 − τ∞/α)."""
-    taus = config.exit_tau_inf or (config.tau_inf,)
-    words = []
-    for k, tau in enumerate(taus, start=1):
-        u_star = 1.0 - tau / config.alpha if config.alpha > 0 else float("inf")
-        if u_star >= 1.0:
-            words.append(f"u* = {u_star:.2f} at exit {k}: every row reaching it leaves there"
-                         + (", later stages never run" if k < len(taus) or len(taus) == 1 else ""))
-            break
-        words.append(f"u* = {u_star:.2f} at exit {k}" + (": no row leaves there" if u_star <= 0 else ""))
-    return "; ".join(words)
-
-
 def run_validate(args) -> int:
     if args.repeats > 1 and args.load_arrival_rate <= 0 and not args.no_load:
         raise GreenMLOpsError("--repeats > 1 needs open loop (--load-arrival-rate > 0): replicates are paired by "
@@ -107,23 +89,7 @@ def run_validate(args) -> int:
     spec = resolve_model(args.model)
     backend = OnnxRuntimeTarget(spec, device=args.device)
     ladder = check_ladder(spec, backend)  # a stage from another build: one line, exit 2, before any work
-    policy_defaulted = args.policy is None and (args.config is None or "policy" not in read_toml(args.config))
-    if policy_defaulted:
-        args.policy = DEFAULT_VALIDATE_POLICY
-    config = controller_config(args, spec, backend)
-    # The budget policy certifies here, before any work; its config is the one used from now on.
-    try:
-        controller = make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
-    except ConfigError as exc:
-        if not policy_defaulted:
-            raise
-        config = replace(config, policy="paper")
-        controller = make_controller(config, spec, backend, explicit_tau_inf=tau_inf_is_explicit(args))
-        stderr.print(f"budget policy unavailable for model {spec.name} ({exc}); the default budget "
-                     f"({config.accuracy_budget_pp:g} pp at δ = {config.risk:g}) needs at least "
-                     f"{rows_needed(config.accuracy_budget_pp / 100, config.risk):,} validation rows. Running the "
-                     f"paper's policy instead (--policy paper), uncertified: {fallback_words(controller.config)}",
-                     soft_wrap=True, highlight=False, markup=False)
+    controller = make_default_controller(args, spec, backend)  # certifies here, before any work
     config = controller.config
     x, y = spec.load_eval()
     x_validation = spec.load_validation()[0] if args.sweep else None  # sweep points come from it: fail early

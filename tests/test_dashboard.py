@@ -322,7 +322,7 @@ PAGE_FIGURES = """(() => {
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium is not installed: sudo apt-get install chromium (bash tests/run does it where it can)")
 def test_dashboard_draws_and_moves_in_headless_chromium(start_gateway, browser, digits_eval):
     energy = os.environ.get("GREEN_MLOPS_DASHBOARD_ENERGY", "off")  # "auto" for the README's screenshot
-    gateway = start_gateway("--controller", "bio", "--energy", energy)
+    gateway = start_gateway("--controller", "bio", "--policy", "paper", "--energy", energy)
     browser.call("Network.enable")
     browser.call("Page.enable")
     browser.call("Page.navigate", url=gateway.dashboard_url)
@@ -358,7 +358,7 @@ def test_dashboard_draws_and_moves_in_headless_chromium(start_gateway, browser, 
     for key in ("throughput", "latency", "tau", "depth"):
         assert all(n >= 2 for n in second["drawn"][key][:2]), (key, second["drawn"][key])
     assert len(second["canvases"]) == 6 and second["canvases"] != first["canvases"]
-    assert second["accuracy"].endswith("%") and second["verdict"] == 3
+    assert second["accuracy"].endswith("%") and second["verdict"] == 3  # SLO, latency, accuracy (paper: no audit)
     assert "Not known" in second["counterfactual"]  # the paper's policy: the other one is unknown
     # Energy: labelled by its source, never 'measured' for an estimate, and unknown when off.
     if energy == "off":

@@ -103,7 +103,7 @@ def test_controller_state_and_metrics_count_what_was_served(start_gateway, digit
 
 
 def test_rejected_request_gets_503_with_retry_after(start_gateway, digits_eval):
-    gateway = start_gateway("--skip-action", "reject", "--tau0", "0", "--tau-inf", "0")
+    gateway = start_gateway("--policy", "paper", "--skip-action", "reject", "--tau0", "0", "--tau-inf", "0")
     response = httpx.post(f"{gateway.url}/v2/models/digits/infer", json=infer_body(digits_eval[0][:1]))
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
