@@ -264,6 +264,32 @@ def _parser() -> argparse.ArgumentParser:
                             "seed (default: the builder's SPLIT_SEED); model.json → split records it and a digest "
                             "of the held-out rows")
 
+    ladder = commands.add_parser("ladder", help="your own model: a checkpoint and labelled data to an early-exit ladder")
+    ladder_commands = ladder.add_subparsers(dest="ladder_command", required=True)
+    lbuild = ladder_commands.add_parser(
+        "build", help="cut a local Hugging Face encoder checkpoint into a validated early-exit model directory "
+                      "(needs the 'models' extra)")
+    lbuild.add_argument("--checkpoint", type=Path, required=True,
+                        help="a local Hugging Face checkpoint directory (BERT, RoBERTa, XLM-RoBERTa, MiniLM, DistilBERT; "
+                             "a sequence classifier, or a bare encoder whose final head is trained too)")
+    lbuild.add_argument("--data", type=Path, required=True, help="labelled texts: .csv, .tsv, .jsonl or .parquet")
+    lbuild.add_argument("--text-column", default="text", help="the column holding the texts (default text)")
+    lbuild.add_argument("--label-column", default="label",
+                        help="the column holding the labels: class names or indices of the classifier (default label)")
+    lbuild.add_argument("--out", type=Path, required=True, help="the model directory to write (replaced when done)")
+    lbuild.add_argument("--name", help="the model's name on the server (default: the checkpoint directory's name)")
+    lbuild.add_argument("--exits", type=_positive_int, default=1, metavar="K",
+                        help="an exit after every K-th layer (default 1: after every layer but the last)")
+    lbuild.add_argument("--finetune", action="store_true",
+                        help="train every layer with the exit heads (default: backbone frozen, the final classifier "
+                             "untouched, so the full model answers as your checkpoint does)")
+    lbuild.add_argument("--epochs", type=_positive_int, default=2, help="--finetune: epochs (default 2)")
+    lbuild.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text (default 128)")
+    lbuild.add_argument("--split-seed", type=_split_seed, default=0, dest="split_seed",
+                        help="seed that draws the held-out, validation and training rows (recorded; default 0)")
+    lbuild.add_argument("--allow-small", action="store_true",
+                        help="build even when the validation split is too small to certify the default budget")
+
     crossval = commands.add_parser(
         "crossval", help="compare calibration rules out of fold over validation ∪ held-out (no retraining)")
     crossval.add_argument("--model", default="digits", help="embedded model name or model directory")
@@ -503,6 +529,20 @@ def _run_models_build(args) -> int:
     return EXIT_OK
 
 
+def _run_ladder_build(args) -> int:
+    import time
+
+    from green_mlops.ladder.text import build_text
+
+    started = time.monotonic()
+    build_text(args.checkpoint, args.data, args.out, text_column=args.text_column, label_column=args.label_column,
+               name=args.name, exits_every=args.exits, finetune=args.finetune, epochs=args.epochs,
+               max_length=args.max_length, split_seed=args.split_seed, allow_small=args.allow_small,
+               log=lambda line: stderr.print(line, soft_wrap=True))
+    stderr.print(f"ladder build: {time.monotonic() - started:.0f} s; next: green-mlops validate --model {args.out}")
+    return EXIT_OK
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -512,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)  # bad arguments: argparse's usage line and exit 2
     handlers = {"validate": _run_validate, "serve": _run_serve, "triton": _run_triton, "report": _run_report,
-                "models": _run_models_build, "crossval": _run_crossval}
+                "models": _run_models_build, "crossval": _run_crossval, "ladder": _run_ladder_build}
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C: every finally runs (children stopped, files closed). `serve`

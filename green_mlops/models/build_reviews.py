@@ -91,8 +91,8 @@ def _split(labels: np.ndarray, samples: int | None, split_seed: int = SPLIT_SEED
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def _lengths(ids: np.ndarray) -> np.ndarray:
-    return (ids != 0).sum(1)
+def _lengths(ids: np.ndarray, pad_id: int = 0) -> np.ndarray:
+    return (ids != pad_id).sum(1)
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
@@ -120,12 +120,14 @@ def _trimmed(ids: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> np.ndarr
 
 def ladder_logits(torch, ladder, ids: np.ndarray, batch_size: int = 128) -> list[np.ndarray]:
     """Every classifier's logits (exits 1..N-1, then the final) for ``ids``, in row order."""
-    lengths = _lengths(ids)
-    outs = [np.zeros((len(ids), 2), dtype=np.float32) for _ in ladder.stages]
+    lengths = _lengths(ids, ladder.pad_id)
+    outs = None
     ladder.eval()
     with torch.no_grad():
         for rows in length_batches(lengths, batch_size, None):
             for k, logits in enumerate(ladder(torch.from_numpy(_trimmed(ids, rows, lengths)))):
+                if outs is None:
+                    outs = [np.zeros((len(ids), logits.shape[1]), dtype=np.float32) for _ in ladder.stages]
                 outs[k][rows] = logits.numpy()
     return outs
 
@@ -186,7 +188,7 @@ def _optimiser(torch, ladder, steps: int):
 
 def _train(torch, ladder, ids, labels, val_ids, val_labels, epochs: int, batch_size: int, log) -> list[dict]:
     rng = np.random.default_rng(TRAIN_SEED)
-    lengths = _lengths(ids)
+    lengths = _lengths(ids, ladder.pad_id)
     steps_per_epoch = -(-len(ids) // batch_size)
     optimiser, schedule = _optimiser(torch, ladder, steps_per_epoch * epochs)
     history, started, done = [], time.perf_counter(), 0

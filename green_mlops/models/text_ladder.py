@@ -1,10 +1,12 @@
-"""A BERT-style encoder (MiniLM) cut into an early-exit ladder, and its ONNX export.
+"""A Hugging Face encoder (BERT, RoBERTa, MiniLM, DistilBERT) cut into an early-exit ladder, and
+its ONNX export.
 
-Stage k runs transformer layer k (stage 1 first runs the embeddings) and, for every stage but
-the last, an exit head: masked mean pool + linear -> ``exit_logits``. The last stage ends in the
-final classifier (same head shape) -> ``logits``. Between stages the hidden state travels with the
+Stage k runs the transformer layers up to its exit (stage 1 first runs the embeddings; by default
+one layer per stage) and, for every stage but the last, an exit head: masked mean pool + linear ->
+``exit_logits``. The last stage ends in the final classifier -> ``logits``: a fresh masked-mean
+head (``reviews``) or a checkpoint's own classification head (:mod:`green_mlops.ladder.text`). Between stages the hidden state travels with the
 attention mask as its last channel (``[n, L, hidden + 1]``), so each stage has a single input; the
-mask is derived once, in stage 1, from ``input_ids != 0``. The sequence axis ``L`` is dynamic in
+mask is derived once, in stage 1, from ``input_ids != pad_id``. The sequence axis ``L`` is dynamic in
 every graph: a batch may be trimmed to its longest row.
 
 ``full.onnx`` is the plain encoder + final head, without the exits and without carrying the mask
@@ -35,45 +37,93 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-class LadderStage(nn.Module):
-    """One rung: (embeddings +) one transformer layer + a mean-pool linear head."""
+class MeanPoolHead(nn.Module):
+    """An exit head (and ``reviews``' final classifier): masked mean pool + linear."""
 
-    def __init__(self, layer: nn.Module, hidden_size: int, num_classes: int, embeddings: nn.Module | None,
-                 last: bool):
+    def __init__(self, hidden_size: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(masked_mean(h, mask))
+
+
+def encoder_layers(encoder: nn.Module) -> list[nn.Module]:
+    """The transformer layers of a Hugging Face encoder, in order: ``encoder.layer`` (BERT,
+    RoBERTa, MiniLM) or ``transformer.layer`` (DistilBERT)."""
+    for path in ("encoder.layer", "transformer.layer"):
+        module = encoder
+        for name in path.split("."):
+            module = getattr(module, name, None)
+            if module is None:
+                break
+        if module is not None:
+            return list(module)
+    raise ValueError(f"{type(encoder).__name__}: no encoder.layer or transformer.layer to cut into stages")
+
+
+def run_layer(layer: nn.Module, h: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
+    out = layer(h, attention_mask=extended)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class LadderStage(nn.Module):
+    """One rung: (embeddings +) one or more transformer layers + a head: an exit head (masked mean
+    pool + linear) for every stage but the last, the final classifier for the last."""
+
+    def __init__(self, layers, hidden_size: int, num_classes: int, embeddings: nn.Module | None, last: bool,
+                 pad_id: int = 0, head: nn.Module | None = None):
         super().__init__()
         self.embeddings = embeddings
-        self.layer = layer
-        self.head = nn.Linear(hidden_size, num_classes)
+        self.layers = nn.ModuleList(layers if isinstance(layers, (list, tuple, nn.ModuleList)) else [layers])
+        self.head = head if head is not None else MeanPoolHead(hidden_size, num_classes)
         self.last = last
+        self.pad_id = pad_id
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden after this stage's layer, 0/1 mask) from ``input_ids`` (stage 1) or hidden+mask."""
+        """(hidden after this stage's layers, 0/1 mask) from ``input_ids`` (stage 1) or hidden+mask."""
         if self.embeddings is not None:
-            mask = (x != 0).to(torch.float32)
+            mask = (x != self.pad_id).to(torch.float32)
             h = self.embeddings(input_ids=x)
         else:
             h, mask = x[..., :-1], x[..., -1]
-        return self.layer(h, attention_mask=_extended(mask)), mask
+        extended = _extended(mask)
+        for layer in self.layers:
+            h = run_layer(layer, h, extended)
+        return h, mask
 
     def forward(self, x: torch.Tensor):
         h, mask = self.encode(x)
-        logits = self.head(masked_mean(h, mask))
+        logits = self.head(h, mask)
         if self.last:
             return logits
         return logits, torch.cat([h, mask[..., None]], dim=-1)
 
 
 class Ladder(nn.Module):
-    """The whole encoder as stages; ``forward`` returns every exit's logits, the final last."""
+    """The whole encoder as stages; ``forward`` returns every exit's logits, the final last.
 
-    def __init__(self, encoder: nn.Module, num_classes: int = 2):
+    ``exits_after``: the 1-based layers an exit follows (default: every layer but the last);
+    ``final_head``: a module ``(hidden, mask) -> logits`` for the last stage (default: a fresh
+    masked-mean + linear head); ``pad_id``: the tokenizer's padding id (rows' mask)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int = 2, pad_id: int = 0, final_head: nn.Module | None = None,
+                 exits_after: list[int] | None = None):
         super().__init__()
-        layers = list(encoder.encoder.layer)
-        hidden = encoder.config.hidden_size
+        layers = encoder_layers(encoder)
+        hidden = encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.dim
         self.hidden_size = hidden
+        self.pad_id = pad_id
+        cuts = sorted(set(exits_after)) if exits_after is not None else list(range(1, len(layers)))
+        if not cuts or cuts[0] < 1 or cuts[-1] >= len(layers):
+            raise ValueError(f"exits must follow layers 1 … {len(layers) - 1}, got {cuts}")
+        bounds = [0, *cuts, len(layers)]
+        groups = [layers[a:b] for a, b in zip(bounds, bounds[1:])]
+        self.exits_after = cuts
         self.stages = nn.ModuleList(
-            LadderStage(layer, hidden, num_classes, encoder.embeddings if k == 0 else None, last=k == len(layers) - 1)
-            for k, layer in enumerate(layers))
+            LadderStage(group, hidden, num_classes, encoder.embeddings if k == 0 else None, last=k == len(groups) - 1,
+                        pad_id=pad_id, head=final_head if k == len(groups) - 1 else None)
+            for k, group in enumerate(groups))
 
     def forward(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         out, x = [], input_ids
@@ -93,12 +143,13 @@ class FullGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         stages = self.ladder.stages
-        mask = (input_ids != 0).to(torch.float32)
+        mask = (input_ids != self.ladder.pad_id).to(torch.float32)
         extended = _extended(mask)
         h = stages[0].embeddings(input_ids=input_ids)
         for stage in stages:
-            h = stage.layer(h, attention_mask=extended)
-        return stages[-1].head(masked_mean(h, mask))
+            for layer in stage.layers:
+                h = run_layer(layer, h, extended)
+        return stages[-1].head(h, mask)
 
 
 def stage_entries(n_stages: int) -> list[dict]:
@@ -119,18 +170,22 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: list[s
                       dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
 
 
-def export_ladder(ladder: Ladder, example_ids: np.ndarray, out_dir: Path) -> list[dict]:
+def export_ladder(ladder: Ladder, example_ids: np.ndarray, out_dir: Path, full: nn.Module | None = None) -> list[dict]:
     """Write ``full.onnx`` and one graph per stage; returns the ``stages`` entries of ``model.json``.
 
-    ``example_ids`` should hold at least two rows of different lengths (padding present), so the
-    traced graphs see the mask at work; the batch and sequence axes are exported as dynamic."""
+    ``full``: the module ``input_ids -> logits`` exported as ``full.onnx`` (default
+    :class:`FullGraph` of the ladder; a user's checkpoint passes its own model, so that the standard
+    path runs exactly it). ``example_ids`` should hold at least two rows of different lengths
+    (padding present), so the traced graphs see the mask at work; the batch and sequence axes are
+    exported as dynamic."""
     ladder.eval()
     entries = stage_entries(len(ladder.stages))
     x = torch.from_numpy(example_ids)
     # eval() on the wrapper too: the exporter restores each module's mode afterwards, and a fresh
     # wrapper is in training mode, which would switch the ladder's dropout back on.
     with torch.no_grad():
-        _export(FullGraph(ladder).eval(), x, out_dir / "full.onnx", ["input_ids"], ["logits"])
+        _export((full if full is not None else FullGraph(ladder)).eval(), x, out_dir / "full.onnx", ["input_ids"],
+                ["logits"])
         for stage, entry in zip(ladder.stages, entries):
             _export(stage, x, out_dir / entry["file"], entry["inputs"], entry["outputs"])
             if not stage.last:
@@ -144,7 +199,7 @@ def check_export(ladder: Ladder, out_dir: Path, ids: np.ndarray) -> dict:
     Returns the maximum absolute differences."""
     import onnxruntime as ort
 
-    width = max(int((ids != 0).sum(1).max()), 1)
+    width = max(int((ids != ladder.pad_id).sum(1).max()), 1)
     ids = np.ascontiguousarray(ids[:, :width])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
