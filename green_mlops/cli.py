@@ -269,10 +269,14 @@ def _parser() -> argparse.ArgumentParser:
     lbuild = ladder_commands.add_parser(
         "build", help="cut a local Hugging Face encoder checkpoint into a validated early-exit model directory "
                       "(needs the 'models' extra)")
-    lbuild.add_argument("--checkpoint", type=Path, required=True,
-                        help="a local Hugging Face checkpoint directory (BERT, RoBERTa, XLM-RoBERTa, MiniLM, DistilBERT; "
-                             "a sequence classifier, or a bare encoder whose final head is trained too)")
-    lbuild.add_argument("--data", type=Path, required=True, help="labelled texts: .csv, .tsv, .jsonl or .parquet")
+    lbuild.add_argument("--checkpoint", type=Path,
+                        help="text: a local Hugging Face checkpoint directory (BERT, RoBERTa, XLM-RoBERTa, MiniLM, "
+                             "DistilBERT; a sequence classifier, or a bare encoder whose final head is trained too)")
+    lbuild.add_argument("--data", type=Path, help="text: labelled texts, .csv, .tsv, .jsonl or .parquet")
+    lbuild.add_argument("--arch", help="images: resnet18, resnet34 or resnet50 (torchvision's definitions)")
+    lbuild.add_argument("--weights", type=Path, help="images: the network's weights (a torchvision state dict)")
+    lbuild.add_argument("--images", type=Path, help="images: an image folder, one sub-folder per class")
+    lbuild.add_argument("--image-size", type=_positive_int, default=224, help="images: square side in pixels (default 224)")
     lbuild.add_argument("--text-column", default="text", help="the column holding the texts (default text)")
     lbuild.add_argument("--label-column", default="label",
                         help="the column holding the labels: class names or indices of the classifier (default label)")
@@ -532,13 +536,28 @@ def _run_models_build(args) -> int:
 def _run_ladder_build(args) -> int:
     import time
 
-    from green_mlops.ladder.text import build_text
-
+    text, vision = (args.checkpoint, args.data), (args.arch, args.weights, args.images)
+    if any(v is not None for v in text) == any(v is not None for v in vision):
+        raise GreenMLOpsError("ladder build takes a text model (--checkpoint DIR --data FILE) or an image model "
+                              "(--arch resnet18 --weights FILE --images DIR), one of the two")
+    missing = [flag for flag, v in zip(("--checkpoint", "--data") if any(v is not None for v in text) else
+                                       ("--arch", "--weights", "--images"),
+                                       text if any(v is not None for v in text) else vision) if v is None]
+    if missing:
+        raise GreenMLOpsError(f"ladder build: {' and '.join(missing)} missing")
+    log = lambda line: stderr.print(line, soft_wrap=True)  # noqa: E731
     started = time.monotonic()
-    build_text(args.checkpoint, args.data, args.out, text_column=args.text_column, label_column=args.label_column,
-               name=args.name, exits_every=args.exits, finetune=args.finetune, epochs=args.epochs,
-               max_length=args.max_length, split_seed=args.split_seed, allow_small=args.allow_small,
-               log=lambda line: stderr.print(line, soft_wrap=True))
+    if args.checkpoint is not None:
+        from green_mlops.ladder.text import build_text
+
+        build_text(args.checkpoint, args.data, args.out, text_column=args.text_column, label_column=args.label_column,
+                   name=args.name, exits_every=args.exits, finetune=args.finetune, epochs=args.epochs,
+                   max_length=args.max_length, split_seed=args.split_seed, allow_small=args.allow_small, log=log)
+    else:
+        from green_mlops.ladder.vision import build_vision
+
+        build_vision(args.arch, args.weights, args.images, args.out, image_size=args.image_size, name=args.name,
+                     split_seed=args.split_seed, allow_small=args.allow_small, log=log)
     stderr.print(f"ladder build: {time.monotonic() - started:.0f} s; next: green-mlops validate --model {args.out}")
     return EXIT_OK
 

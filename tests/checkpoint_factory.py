@@ -79,3 +79,48 @@ def labelled_texts(path: Path, rows: int = 2000, seed: int = 0, names: bool = Fa
             label = int(good > bad) if good != bad else int(rng.integers(0, 2))
             writer.writerow([" ".join(words), ("negative", "positive")[label] if names else label])
     return Path(path)
+
+
+def digits_image_folder(root: Path, size: int = 32) -> Path:
+    """scikit-learn's 8×8 digits written as ``size``-pixel PNGs in one folder per class, each
+    image twice (as is, and shifted one pixel right): 3,594 images, enough rows to certify the
+    default budget."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = Path(root)
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for variant, pixels in (("a", image), ("b", np.roll(image, 1, axis=1))):
+            grey = (pixels / 16.0 * 255).astype(np.uint8)
+            Image.fromarray(grey, mode="L").resize((size, size), Image.NEAREST).save(folder / f"{i:04d}{variant}.png")
+    return root
+
+
+def trained_resnet18(path: Path, images: Path, size: int = 32, steps: int = 60, seed: int = 0) -> Path:
+    """A ResNet-18 (torchvision's definition, random init, 10 outputs) trained briefly on the image
+    folder; its state dict saved at ``path``, as a user would bring it."""
+    import torch
+
+    from green_mlops.ladder.resnet import ResNet
+    from green_mlops.ladder.vision import image_folder, load_images
+
+    torch.manual_seed(seed)
+    files, labels, _ = image_folder(images)
+    x = torch.from_numpy(load_images(files, size, lambda line: None))
+    y = torch.tensor(labels)
+    net = ResNet("resnet18", num_classes=10)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    net.train()
+    for _ in range(steps):
+        rows = torch.from_numpy(rng.choice(len(x), 64, replace=False))
+        loss = torch.nn.functional.cross_entropy(net(x[rows]), y[rows])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    net.eval()
+    torch.save(net.state_dict(), path)
+    return Path(path)

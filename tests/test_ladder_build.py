@@ -98,3 +98,32 @@ def test_bad_inputs_are_one_line_and_exit_2(data, tmp_path, capsys):
     validation, total = rows_for_default_budget()
     assert f"needs {validation:,}, so at least {total:,} labelled rows" in one_line(capsys)
     assert not any((tmp_path / name).exists() for name in ("m1", "m2", "m3", "m4"))  # nothing half-written
+
+
+def test_a_resnet18_and_an_image_folder_become_a_ladder_that_validate_runs(tmp_path, capsys):
+    """ResNet-18 (random init, trained briefly on scikit-learn's digits written as PNGs), through
+    ladder build and validate; its full graph answers as the network does."""
+    from tests.checkpoint_factory import digits_image_folder, trained_resnet18
+
+    images = digits_image_folder(tmp_path / "images")
+    weights = trained_resnet18(tmp_path / "resnet18.pt", images)
+    out = tmp_path / "model"
+    assert main(["ladder", "build", "--arch", "resnet18", "--weights", str(weights), "--images", str(images),
+                 "--image-size", "32", "--out", str(out), "--name", "digits-resnet"]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    checks = meta["build"]["checks"]
+    assert checks["chain_vs_full_max_abs"] < 1e-3 and checks["checkpoint_answers_equal"] == checks["checkpoint_rows"]
+    assert load_model_dir(out).n_stages == 4 and meta["classes"] == [str(k) for k in range(10)]
+    assert meta["input"]["shape"] == [-1, 3, 32, 32]
+    capsys.readouterr()
+    assert main(["validate", "--model", str(out), "--no-load", "--requests", "2000", "--energy", "off"]) == 0
+    assert "standard vs bio" in capsys.readouterr().out
+    # Weights of another architecture: one line, exit 2.
+    assert main(["ladder", "build", "--arch", "resnet34", "--weights", str(weights), "--images", str(images),
+                 "--image-size", "32", "--out", str(tmp_path / "bad")]) == 2
+    assert "do not fit resnet34" in one_line(capsys)
+    assert main(["ladder", "build", "--arch", "vgg16", "--weights", str(weights), "--images", str(images),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "unsupported architecture 'vgg16'" in one_line(capsys)
+    assert main(["ladder", "build", "--arch", "resnet18", "--out", str(tmp_path / "bad")]) == 2
+    assert "--weights and --images missing" in one_line(capsys)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from targets.errors import GreenMLOpsError
 HELDOUT_FRACTION = 0.2  # drawn first, by the split seed
 VALIDATION_FRACTION_OF_REST = 0.30  # as the reviews build: the budget's certificate is calibrated on it
 DEFAULT_BUDGET_PP, DEFAULT_RISK = 0.5, 0.1  # the budget policy's defaults (targets.controller_config)
+HEAD_STEPS = 400  # full-batch Adam steps per exit head (frozen backbone)
+HEAD_LR = 0.01
+DISTILL_ALPHA = 0.5  # share of an exit head's loss that is distillation from the full model
+DISTILL_TEMPERATURE = 2.0
 
 
 class LadderBuildError(GreenMLOpsError):
@@ -138,6 +143,34 @@ def require_rows(n_rows: int, allow_small: bool) -> None:
             f"{n_rows:,} labelled rows give about {have:,} validation rows; certifying the default budget "
             f"({DEFAULT_BUDGET_PP:g} pp at δ = {DEFAULT_RISK:g}) needs {validation:,}, so at least {total:,} labelled "
             "rows (or --allow-small: validate then falls back to the paper's policy, uncertified)")
+
+
+def fit_head(torch, linear, features: np.ndarray, labels: np.ndarray, teacher: np.ndarray | None) -> None:
+    """Train one linear head on pooled features: cross-entropy, mixed with distillation from
+    ``teacher`` logits when given; full-batch Adam, seeded."""
+    functional = torch.nn.functional
+    x, y = torch.from_numpy(features), torch.from_numpy(labels)
+    target = None if teacher is None else functional.softmax(torch.from_numpy(teacher) / DISTILL_TEMPERATURE, dim=-1)
+    optimiser = torch.optim.Adam(linear.parameters(), lr=HEAD_LR, weight_decay=1e-4)
+    for _ in range(HEAD_STEPS):
+        logits = linear(x)
+        loss = functional.cross_entropy(logits, y)
+        if target is not None:
+            distill = functional.kl_div(functional.log_softmax(logits / DISTILL_TEMPERATURE, dim=-1), target,
+                                        reduction="batchmean") * DISTILL_TEMPERATURE ** 2
+            loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * distill
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+
+def model_name(name: str | None, source: Path) -> str:
+    """The model's name on the server: ``name``, or the source's directory name made URL-safe."""
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(source).resolve().stem).strip("-.")[:100] or "model"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+        raise LadderBuildError(f"model name '{name}' must be letters, digits, '_', '.', '-' (it is a URL segment)")
+    return name
 
 
 class Progress:

@@ -19,23 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from green_mlops.ladder.common import (LadderBuildError, Progress, map_labels, read_table, require_rows,
-                                       split_rows)
+from green_mlops.ladder.common import (DISTILL_ALPHA, DISTILL_TEMPERATURE, HEAD_LR, HEAD_STEPS, LadderBuildError,
+                                       Progress, fit_head, map_labels, model_name, read_table, require_rows, split_rows)
 from targets.model_dir import heldout_digest
 
 SUPPORTED = ("bert", "roberta", "xlm-roberta", "distilbert")
 """``config.model_type`` values this builder cuts (MiniLM checkpoints are ``bert``)."""
-HEAD_STEPS = 400  # full-batch Adam steps per exit head (frozen backbone)
-HEAD_LR = 0.01
-DISTILL_ALPHA = 0.5
-DISTILL_TEMPERATURE = 2.0
 FEATURE_BATCH = 64
 TRAIN_SEED = 0
 
@@ -166,38 +161,12 @@ def _pooled_features(torch, ladder, ids: np.ndarray, progress: Progress | None =
     return pooled, final
 
 
-def _fit_head(torch, linear, features: np.ndarray, labels: np.ndarray, teacher: np.ndarray | None) -> None:
-    """Train one linear head on pooled features: cross-entropy, mixed with distillation from
-    ``teacher`` logits when given; full-batch Adam, seeded."""
-    functional = torch.nn.functional
-    x, y = torch.from_numpy(features), torch.from_numpy(labels)
-    target = None if teacher is None else functional.softmax(torch.from_numpy(teacher) / DISTILL_TEMPERATURE, dim=-1)
-    optimiser = torch.optim.Adam(linear.parameters(), lr=HEAD_LR, weight_decay=1e-4)
-    for _ in range(HEAD_STEPS):
-        logits = linear(x)
-        loss = functional.cross_entropy(logits, y)
-        if target is not None:
-            distill = functional.kl_div(functional.log_softmax(logits / DISTILL_TEMPERATURE, dim=-1), target,
-                                        reduction="batchmean") * DISTILL_TEMPERATURE ** 2
-            loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * distill
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
-
-def _name_of(directory: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(directory).resolve().name).strip("-.") or "model"
-    return name[:100]
-
-
 def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "text", label_column: str = "label",
                name: str | None = None, exits_every: int = 1, finetune: bool = False, epochs: int = 2,
                max_length: int = 128, split_seed: int = 0, allow_small: bool = False, log=print) -> dict:
     """Build the model directory (see the module docstring); returns its ``model.json``."""
     started = time.perf_counter()
-    name = name or _name_of(checkpoint)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
-        raise LadderBuildError(f"model name '{name}' must be letters, digits, '_', '.', '-' (it is a URL segment)")
+    name = model_name(name, checkpoint)
     if max_length < 2 or epochs < 1:
         raise LadderBuildError("--max-length must be >= 2 and --epochs >= 1")
     # Everything that can be checked before the weights load is checked first.
@@ -239,11 +208,11 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
     else:
         pooled, final = _pooled_features(torch, ladder, ids[train], Progress(log, "features", len(train)))
         if model is None:  # a bare encoder: its final head first, on the last layer's pooled features
-            _fit_head(torch, ladder.stages[-1].head.linear, pooled[-1], labels[train], None)
+            fit_head(torch, ladder.stages[-1].head.linear, pooled[-1], labels[train], None)
             with torch.no_grad():
                 final = ladder.stages[-1].head.linear(torch.from_numpy(pooled[-1])).numpy()
         for k, stage in enumerate(ladder.stages[:-1]):
-            _fit_head(torch, stage.head.linear, pooled[k], labels[train], final)
+            fit_head(torch, stage.head.linear, pooled[k], labels[train], final)
         training = {"mode": "frozen backbone", "head_steps": HEAD_STEPS, "lr": HEAD_LR,
                     "distill_alpha": DISTILL_ALPHA, "distill_temperature": DISTILL_TEMPERATURE}
     ladder.eval()
@@ -252,7 +221,7 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
         logits = ladder_logits(torch, ladder, ids[rows])
         accuracy[part] = {(f"exit{k + 1}" if k < len(logits) - 1 else "final"): round(float((o.argmax(1) == labels[rows]).mean()), 4)
                           for k, o in enumerate(logits)}
-    log(f"held-out accuracy %: " + " ".join(f"{k} {100 * v:.1f}" for k, v in accuracy["heldout"].items()))
+    log("held-out accuracy %: " + " ".join(f"{k} {100 * v:.1f}" for k, v in accuracy["heldout"].items()))
 
     full = None
     if model is not None:
