@@ -281,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     lbuild.add_argument("--label-column", default="label",
                         help="the column holding the labels: class names or indices of the classifier (default label)")
     lbuild.add_argument("--out", type=Path, required=True, help="the model directory to write (replaced when done)")
-    lbuild.add_argument("--name", help="the model's name on the server (default: the checkpoint directory's name)")
+    lbuild.add_argument("--name", help="the model's name on the server (default: the --out directory's name)")
     lbuild.add_argument("--exits", type=_positive_int, default=1, metavar="K",
                         help="an exit after every K-th layer (default 1: after every layer but the last)")
     lbuild.add_argument("--finetune", action="store_true",

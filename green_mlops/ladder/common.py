@@ -165,7 +165,7 @@ def fit_head(torch, linear, features: np.ndarray, labels: np.ndarray, teacher: n
 
 
 def model_name(name: str | None, source: Path) -> str:
-    """The model's name on the server: ``name``, or the source's directory name made URL-safe."""
+    """The model's name on the server: ``name``, or the output directory's name made URL-safe."""
     if name is None:
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(source).resolve().stem).strip("-.")[:100] or "model"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):

@@ -32,6 +32,7 @@ from targets.model_dir import heldout_digest
 SUPPORTED = ("bert", "roberta", "xlm-roberta", "distilbert")
 """``config.model_type`` values this builder cuts (MiniLM checkpoints are ``bert``)."""
 FEATURE_BATCH = 64
+BASE_MEMORY_MB = 1500  # torch, transformers, the ONNX export and ONNX Runtime: MiniLM-L6 peaked at 1.8 GB here
 TRAIN_SEED = 0
 
 
@@ -166,7 +167,7 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
                max_length: int = 128, split_seed: int = 0, allow_small: bool = False, log=print) -> dict:
     """Build the model directory (see the module docstring); returns its ``model.json``."""
     started = time.perf_counter()
-    name = model_name(name, checkpoint)
+    name = model_name(name, out_dir)
     if max_length < 2 or epochs < 1:
         raise LadderBuildError("--max-length must be >= 2 and --epochs >= 1")
     # Everything that can be checked before the weights load is checked first.
@@ -201,7 +202,7 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
     log(f"ladder: {len(ladder.stages)} stages, exits after layers {', '.join(map(str, cuts))}; "
         f"{'fine-tuning every layer for ' + str(epochs) + ' epochs' if finetune else 'backbone frozen, heads trained'}; "
         f"estimated about {per_row_s * len(ids) * passes + 10:.0f} s here, memory about "
-        f"{parameters_mb * (4 if finetune else 1.2) + 200:.0f} MB")
+        f"{parameters_mb * (4 if finetune else 1.2) + ids.nbytes * 3 / 2**20 + BASE_MEMORY_MB:,.0f} MB")
     if finetune:
         history = _train(torch, ladder, ids[train], labels[train], ids[val], labels[val], epochs, 32, log)
         training = {"mode": "finetune", "epochs": epochs, "history": history}

@@ -103,7 +103,7 @@ def build_vision(arch: str, weights: Path, images: Path, out_dir: Path, image_si
                                "pip install torch==2.13.0 -e '.[models]'") from exc
     from green_mlops.ladder.resnet import ResNetLadder
 
-    name = model_name(name, images)
+    name = model_name(name, out_dir)
     if image_size < 16:
         raise LadderBuildError(f"--image-size must be >= 16, got {image_size}")
     files, labels, folders = image_folder(images)
@@ -127,7 +127,7 @@ def build_vision(arch: str, weights: Path, images: Path, out_dir: Path, image_si
     per_row_s = (time.perf_counter() - tick) / len(probe)
     log(f"ladder: 4 stages, exits after residual stages 1-3; backbone and fc frozen, exit heads trained; estimated "
         f"about {per_row_s * len(x) * 2 + 5:.0f} s here; memory about "
-        f"{x.nbytes / 2**20 + sum(p.numel() for p in net.parameters()) * 4 / 2**20 + 200:.0f} MB")
+        f"{2 * x.nbytes / 2**20 + sum(p.numel() for p in net.parameters()) * 4 / 2**20 + 1000:,.0f} MB")
     pooled, final = _features(torch, ladder, x[train], Progress(log, "features", len(train)))
     for k, stage in enumerate(ladder.stages[:-1]):
         fit_head(torch, stage.head, pooled[k], labels[train], final)
