@@ -4,12 +4,7 @@ the controller then falls back to the full model, and nothing alarms without dri
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,8 +18,8 @@ from targets.controlled import ControlledTarget
 from targets.controller_config import build_config
 from targets.errors import ConfigError
 from targets.make_controller import make_controller
+from tests.processes import run_headless_locust
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def alarm_rate(streams: int, draw, delta: float, lower: float = 0.0) -> float:
@@ -208,22 +203,9 @@ def test_planted_drift_through_a_gateway_and_locust_voids_the_certificate_and_th
                     'audit_rate = 0.5\naudit_idle_rate = 1.0\n')
     drift_at_s = 5.0
     for scenario in ("standard", "bio"):
-        process = subprocess.Popen([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / f"{scenario}.py"),
-                                    "--headless", "-t", "16", "--arrival-rate", "40", "--seed", "3",
-                                    "--energy", "off", "--controller-config", str(toml),
-                                    "--drift-at-s", str(drift_at_s), "--drift-noise", "1.0",
-                                    "--results", str(tmp_path / "runs" / scenario)],
-                                   cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)
-        try:
-            _, stderr = process.communicate(timeout=240)
-            assert process.returncode == 0, stderr[-3000:]
-        finally:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=30)
+        run_headless_locust(scenario, "-t", "16", "--arrival-rate", "40", "--seed", "3", "--energy", "off",
+                            "--controller-config", str(toml), "--drift-at-s", str(drift_at_s), "--drift-noise", "1.0",
+                            "--results", str(tmp_path / "runs" / scenario), cwd=tmp_path, timeout_s=240)
     records = [r for r in read_records(tmp_path / "runs" / "bio" / "requests.jsonl") if r["outcome"] == "answered"]
     assert all(r["certificate"] == "held" for r in records if not r["drifted"])
     void = [r for r in records if r["certificate"] == "void"]

@@ -17,18 +17,14 @@ or on any confident row (skip action ``reject``: every skipped request is reject
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from reports.build import build_report
+from tests.processes import run_headless_locust
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES, ROWS = 4, 200
 KINDS = {"uncertain": 100, "right": 60, "wrong": 40}  # rows of each kind
 
@@ -81,26 +77,15 @@ def planted_model(directory: Path) -> dict[int, str]:
 
 
 def controller_toml(path: Path, skip_action: str) -> Path:
-    path.write_text("[controller]\nalpha = 1.0\nbeta = 0.0\ngamma = 0.0\ntau0 = 0.5\ntau_inf = 0.5\n"
+    path.write_text("[controller]\npolicy = \"paper\"\nalpha = 1.0\nbeta = 0.0\ngamma = 0.0\ntau0 = 0.5\ntau_inf = 0.5\n"
                     f'k_per_s = 1.0\nuncertainty = "entropy"\nskip_action = "{skip_action}"\n')
     return path
 
 
 def run_locust(scenario: str, model: Path, results: Path, config: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / f"{scenario}.py"), "--headless",
-         "--model", str(model), "--arrival-rate", "150", "--seed", "11", "-t", "5", "--energy", "off",
-         "--controller-config", str(config), "--results", str(results)],
-        cwd=results.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=120)
-        assert process.returncode == 0, stderr[-3000:]
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
+    run_headless_locust(scenario, "--model", str(model), "--arrival-rate", "150", "--seed", "11", "-t", "5",
+                        "--energy", "off", "--controller-config", str(config), "--results", str(results),
+                        cwd=results.parent)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +174,31 @@ def model_name(name: str | None, source: Path) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
         raise LadderBuildError(f"model name '{name}' must be letters, digits, '_', '.', '-' (it is a URL segment)")
     return name
+
+
+def replace_dir(building: Path, out_dir: Path) -> None:
+    """Swap a finished build into place, so a crash never leaves a half-written model."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    building.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_directory(out_dir: Path):
+    """A sibling directory to write a model into; swapped in as ``out_dir`` only when the block
+    completes, removed whatever happens."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    building = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        yield building
+        replace_dir(building, out_dir)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 class Progress:

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from green_mlops.ladder.common import (DISTILL_ALPHA, DISTILL_TEMPERATURE, HEAD_LR, HEAD_STEPS, LadderBuildError,
-                                       Progress, fit_head, map_labels, model_name, read_table, require_rows, split_rows)
+                                       Progress, fit_head, map_labels, model_name, read_table, require_rows, split_rows,
+                                       staged_directory)
 from targets.model_dir import heldout_digest
 
 SUPPORTED = ("bert", "roberta", "xlm-roberta", "distilbert")
@@ -236,13 +236,8 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
                 return self.model(input_ids=input_ids, attention_mask=mask).logits
 
         full = Original()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    try:
-        from green_mlops.models.build_reviews import _lengths, _replace_dir, _trimmed
+    with staged_directory(out_dir) as building:
+        from green_mlops.models.build_reviews import _lengths, _trimmed
 
         lengths = _lengths(ids[test], ladder.pad_id)
         example = _trimmed(ids[test], np.array([int(np.argmax(lengths)), int(np.argmin(lengths))]), lengths)
@@ -285,9 +280,6 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
             },
         }
         (building / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(building, out_dir)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     log(f"built {name} ({len(ladder.stages)}-stage ladder) in {meta['build']['duration_s']} s -> {out_dir}")
     return meta
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from green_mlops.ladder.common import (DISTILL_ALPHA, DISTILL_TEMPERATURE, HEAD_LR, HEAD_STEPS, LadderBuildError,
-                                       Progress, fit_head, model_name, require_rows, split_rows)
+                                       Progress, fit_head, model_name, require_rows, split_rows, staged_directory)
 from targets.model_dir import heldout_digest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -134,14 +133,7 @@ def build_vision(arch: str, weights: Path, images: Path, out_dir: Path, image_si
     accuracy = {part: _accuracies(torch, ladder, x[rows], labels[rows]) for part, rows in (("validation", val),
                                                                                              ("heldout", test))}
     log("held-out accuracy %: " + " ".join(f"{k} {100 * v:.1f}" for k, v in accuracy["heldout"].items()))
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    try:
-        from green_mlops.models.build_reviews import _replace_dir
-
+    with staged_directory(out_dir) as building:
         entries = _export(torch, ladder, x[test[:2]], building)
         check = _check(torch, ladder, building, x[test], entries)
         log(f"checks: stages chained vs full.onnx max |diff| {check['chain_vs_full_max_abs']:.1e}; full.onnx vs the "
@@ -172,9 +164,6 @@ def build_vision(arch: str, weights: Path, images: Path, out_dir: Path, image_si
                       "duration_s": round(time.perf_counter() - started, 1)},
         }
         (building / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(building, out_dir)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     log(f"built {name} (4-stage ResNet ladder) in {meta['build']['duration_s']} s -> {out_dir}")
     return meta
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from green_mlops.ladder.common import staged_directory
 from targets.model_dir import heldout_digest
 
 TRAIN_SEED = 0  # weights of the heads, batch order
@@ -216,15 +217,6 @@ def _train(torch, ladder, ids, labels, val_ids, val_labels, epochs: int, batch_s
     return history
 
 
-def _replace_dir(building: Path, out_dir: Path) -> None:
-    """Swap the finished build into place, so a crash never leaves a half-written model."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(old)
-    building.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build(out_dir: Path, log=print, samples: int | None = None, max_length: int = MAX_LENGTH,
           epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, split_seed: int | None = None) -> dict:
     """Build ``reviews`` into ``out_dir`` (``samples`` caps the data for a quick build; ``split_seed``,
@@ -278,11 +270,7 @@ def build(out_dir: Path, log=print, samples: int | None = None, max_length: int 
     log(f"held-out accuracy % {_format(accuracy['heldout'])}")
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    building = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    try:
+    with staged_directory(out_dir) as building:
         lengths = _lengths(ids[test])
         example_rows = np.array([int(np.argmax(lengths)), int(np.argmin(lengths))])
         entries = export_ladder(ladder, _trimmed(ids[test], example_rows, lengths), building)
@@ -325,8 +313,5 @@ def build(out_dir: Path, log=print, samples: int | None = None, max_length: int 
             },
         }
         (building / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(building, out_dir)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     log(f"built reviews ({n_stages}-stage ladder) in {meta['build']['duration_s']} s -> {out_dir}")
     return meta

@@ -165,7 +165,11 @@ def _cycle(n: int):
 @pytest.mark.benchmark(group="overhead, concurrency 1")
 @pytest.mark.parametrize("name", MODELS)
 def test_c1_gateway(benchmark, name, sides, off_gateways):
-    side, gateway = sides(name), off_gateways(name)
+    _one_at_a_time(benchmark, sides(name), off_gateways(name))
+
+
+def _one_at_a_time(benchmark, side, gateway) -> None:
+    """Concurrency 1 on one keep-alive connection, cycling over the side's bodies."""
     connection, step = Connection(gateway), _cycle(len(side.bodies))
     try:
         benchmark.pedantic(lambda: connection.call("POST", side.path, side.bodies[step()]),
@@ -204,10 +208,14 @@ def wrk(cpu_split):
 @pytest.mark.benchmark(group="saturation, bio")
 @pytest.mark.parametrize("name", MODELS)
 def test_saturation_gateway_bio(benchmark, name, sides, wrk):
+    side = sides(name)
+    _saturate(benchmark, side, side.gateway(*BIO_FLAGS), wrk)
+
+
+def _saturate(benchmark, side, gateway, wrk) -> None:
+    """wrk, 16 connections, 3 s: seconds per request in ``extra_info``."""
     from loadtests.wrk import run_wrk
 
-    side = sides(name)
-    gateway = side.gateway(*BIO_FLAGS)
     result: dict = {}
 
     def load() -> None:
@@ -267,13 +275,8 @@ def audit_gateways(sides):
 @pytest.mark.benchmark(group="live audit, concurrency 1")
 @pytest.mark.parametrize("audit", ("on", "off"))
 def test_audit_c1(benchmark, audit, sides, audit_gateways):
-    side, gateway = sides("digits"), audit_gateways(audit)
-    connection, step = Connection(gateway), _cycle(len(side.bodies))
-    try:
-        benchmark.pedantic(lambda: connection.call("POST", side.path, side.bodies[step()]),
-                           rounds=1500, warmup_rounds=100)
-    finally:
-        connection.close()
+    gateway = audit_gateways(audit)
+    _one_at_a_time(benchmark, sides("digits"), gateway)
     if audit == "on":  # the audit ran: the comparison is not of two idle gateways
         state = json.loads(_get(gateway, "/v2/controller"))["audit"]
         assert state["audited"] > 0, state
@@ -283,18 +286,7 @@ def test_audit_c1(benchmark, audit, sides, audit_gateways):
 @pytest.mark.benchmark(group="live audit, saturation")
 @pytest.mark.parametrize("audit", ("on", "off"))
 def test_audit_saturation(benchmark, audit, sides, audit_gateways, wrk):
-    from loadtests.wrk import run_wrk
-
-    side, gateway = sides("digits"), audit_gateways(audit)
-    result: dict = {}
-
-    def load() -> None:
-        result.update(run_wrk(gateway.url, side.path, side.bodies, connections=16, duration_s=3.0, cpus=wrk))
-
-    benchmark.pedantic(load, rounds=1, iterations=1)
-    assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result
-    benchmark.extra_info.update({"seconds_per_request": 1.0 / result["requests_per_s"],
-                                 "requests_per_s": result["requests_per_s"], "wrk_p50_ms": result["p50_ms"]})
+    _saturate(benchmark, sides("digits"), audit_gateways(audit), wrk)
 
 
 def _get(gateway: GatewayProcess, path: str) -> str:
