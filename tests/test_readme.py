@@ -22,8 +22,27 @@ def test_readme_shows_the_main_job():
 def test_the_project_documents_itself():
     assert "../shared" not in README
     assert "docs/design.md" in README and (ROOT / "docs" / "design.md").is_file()
-    links = re.findall(r"\]\(([^)#]+)", README + (ROOT / "docs" / "design.md").read_text())
-    for link in links:
-        if "://" not in link:
-            target = (ROOT / link) if not link.startswith("../") else (ROOT / "docs" / link)
-            assert target.exists() or (ROOT / "docs" / link).exists(), f"broken link {link}"
+    for page, base in [(ROOT / "README.md", ROOT), *((p, p.parent) for p in sorted((ROOT / "docs").glob("*.md")))]:
+        text = page.read_text()
+        assert "../shared" not in text, page
+        for link, anchor in re.findall(r"\]\(([^)#]*)(#[^)]*)?\)", text):
+            if "://" in link:
+                continue
+            target = (base / link) if link else page
+            assert target.exists(), f"{page.name}: broken link {link}"
+            if anchor and target.suffix == ".md":
+                assert anchor[1:] in {_slug(h) for h in re.findall(r"^#+ (.*)$", target.read_text(), re.M)}, \
+                    f"{page.name}: no heading for {link}{anchor}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_a_landing_page():
+    """What it is, the two set-up commands, one table of what it measured, the user's-model path,
+    links: about 250 lines at most; the reference lives in docs/reference.md."""
+    assert len(README.splitlines()) <= 250
+    for heading in ("## Set up", "## What it measured here", "## Your own model", "## Reference"):
+        assert heading in README, heading
