@@ -209,10 +209,14 @@ def _validation_outputs(spec: ModelSpec, backend) -> tuple[LadderOutputs, np.nda
 LADDER_TOLERANCE = 1e-3
 """Chained stages against ``full.onnx``: the largest difference allowed in any class probability
 (float32 graphs of one network differ by about 1e-6)."""
+LADDER_CHECK_ROWS = 256
+"""Validation rows the load-time check runs (the first ones): a stage from another build disagrees
+on most rows, and the check must not double a large model's start-up."""
 
 
 def check_ladder(spec: ModelSpec, backend=None, tolerance: float = LADDER_TOLERANCE) -> dict | None:
-    """The ladder's chained stages against ``full.onnx`` on the validation rows: every probability
+    """The ladder's chained stages against ``full.onnx`` on the first :data:`LADDER_CHECK_ROWS`
+    validation rows: every probability
     within ``tolerance`` and every answer the same (a row whose two top classes are within
     ``tolerance`` may answer either). ModelDirError, one line, when they are not: calibration
     treats the last stage as the full model, so a stage graph from another training run would
@@ -224,10 +228,9 @@ def check_ladder(spec: ModelSpec, backend=None, tolerance: float = LADDER_TOLERA
         from targets.ort_target import OnnxRuntimeTarget
 
         backend = OnnxRuntimeTarget(spec, device="cpu")
-    outputs, _ = _validation_outputs(spec, backend)
-    x, _ = spec.load_validation()
+    x = spec.load_validation()[0][:LADDER_CHECK_ROWS]
+    chained = ladder_outputs(backend, x).final
     full = np.concatenate([backend.full_probabilities(backend.check(x[i : i + 256])) for i in range(0, len(x), 256)])
-    chained = outputs.final
     difference = np.abs(chained - full).max(axis=1)
     answers_differ = chained.argmax(1) != full.argmax(1)
     top_two = np.sort(full, axis=1)[:, -2:]
