@@ -127,3 +127,17 @@ def test_a_resnet18_and_an_image_folder_become_a_ladder_that_validate_runs(tmp_p
     assert "unsupported architecture 'vgg16'" in one_line(capsys)
     assert main(["ladder", "build", "--arch", "resnet18", "--out", str(tmp_path / "bad")]) == 2
     assert "--weights and --images missing" in one_line(capsys)
+
+
+def test_finetune_trains_every_layer_and_records_how_far_the_full_model_moved(data, tmp_path):
+    checkpoint = tiny_text_checkpoint(tmp_path / "checkpoint", "bert")
+    out = tmp_path / "model"
+    assert build(checkpoint, data, out, "--finetune", "--epochs", "1") == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["build"]["training"]["mode"] == "finetune" and len(meta["build"]["training"]["history"]) == 1
+    checks = meta["build"]["checks"]
+    # The final classifier was trained too: full.onnx is the fine-tuned network, and the check says
+    # how far it moved from the checkpoint (its logits differ; answers may too).
+    assert checks["chain_vs_full_max_abs"] < 1e-4 and checks["checkpoint_rows"] == meta["eval"]["n"]
+    assert checks["checkpoint_max_abs"] > 1e-3
+    assert load_model_dir(out).n_stages == 3

@@ -203,6 +203,8 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
         f"{'fine-tuning every layer for ' + str(epochs) + ' epochs' if finetune else 'backbone frozen, heads trained'}; "
         f"estimated about {per_row_s * len(ids) * passes + 10:.0f} s here, memory about "
         f"{parameters_mb * (4 if finetune else 1.2) + ids.nbytes * 3 / 2**20 + BASE_MEMORY_MB:,.0f} MB")
+    # The checkpoint's own answers on the held-out rows, before any training touches it.
+    original = _checkpoint_logits(torch, model, ids[test], ladder.pad_id)
     if finetune:
         history = _train(torch, ladder, ids[train], labels[train], ids[val], labels[val], epochs, 32, log)
         training = {"mode": "finetune", "epochs": epochs, "history": history}
@@ -243,7 +245,7 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
         example = _trimmed(ids[test], np.array([int(np.argmax(lengths)), int(np.argmin(lengths))]), lengths)
         entries = export_ladder(ladder, example, building, full=full)
         check = check_export(ladder, building, ids[test[:64]])
-        check.update(_against_checkpoint(torch, building, full, ids[test], ladder.pad_id))
+        check.update(_against_checkpoint(building, original, ids[test], ladder.pad_id))
         log(f"checks: stages chained vs full.onnx max |diff| {check['chain_vs_full_max_abs']:.1e}"
             + ("" if full is None else f"; full.onnx vs the checkpoint on {check['checkpoint_rows']} held-out rows: "
                f"{check['checkpoint_answers_equal']} answers equal, max |diff| {check['checkpoint_max_abs']:.1e}"))
@@ -284,10 +286,27 @@ def build_text(checkpoint: Path, data: Path, out_dir: Path, text_column: str = "
     return meta
 
 
-def _against_checkpoint(torch, directory: Path, full, ids: np.ndarray, pad_id: int) -> dict:
-    """``full.onnx`` (ONNX Runtime) against the checkpoint's own forward pass in torch, every
-    held-out row: answers equal and the largest logit difference (empty for a bare encoder)."""
-    if full is None:
+def _checkpoint_logits(torch, model, ids: np.ndarray, pad_id: int) -> np.ndarray | None:
+    """The checkpoint's own logits for ``ids`` (torch, its forward pass); None for a bare encoder."""
+    if model is None:
+        return None
+    from green_mlops.models.build_reviews import _lengths, _trimmed, length_batches
+
+    lengths = _lengths(ids, pad_id)
+    out = None
+    with torch.no_grad():
+        for rows in length_batches(lengths, FEATURE_BATCH, None):
+            x = torch.from_numpy(_trimmed(ids, rows, lengths))
+            logits = model(input_ids=x, attention_mask=(x != pad_id).to(torch.int64)).logits.numpy()
+            out = np.zeros((len(ids), logits.shape[1]), np.float32) if out is None else out
+            out[rows] = logits
+    return out
+
+
+def _against_checkpoint(directory: Path, expected: np.ndarray | None, ids: np.ndarray, pad_id: int) -> dict:
+    """``full.onnx`` (ONNX Runtime) against the checkpoint's own logits taken before any training,
+    every held-out row: answers equal and the largest logit difference (empty for a bare encoder)."""
+    if expected is None:
         return {}
     import onnxruntime as ort
 
@@ -296,11 +315,8 @@ def _against_checkpoint(torch, directory: Path, full, ids: np.ndarray, pad_id: i
     session = ort.InferenceSession(str(directory / "full.onnx"), providers=["CPUExecutionProvider"])
     lengths = _lengths(ids, pad_id)
     equal, largest = 0, 0.0
-    with torch.no_grad():
-        for rows in length_batches(lengths, FEATURE_BATCH, None):
-            x = _trimmed(ids, rows, lengths)
-            expected = full(torch.from_numpy(x)).numpy()
-            got = session.run(["logits"], {"input_ids": x})[0]
-            equal += int((expected.argmax(1) == got.argmax(1)).sum())
-            largest = max(largest, float(np.abs(expected - got).max()))
+    for rows in length_batches(lengths, FEATURE_BATCH, None):
+        got = session.run(["logits"], {"input_ids": _trimmed(ids, rows, lengths)})[0]
+        equal += int((expected[rows].argmax(1) == got.argmax(1)).sum())
+        largest = max(largest, float(np.abs(expected[rows] - got).max()))
     return {"checkpoint_rows": int(len(ids)), "checkpoint_answers_equal": equal, "checkpoint_max_abs": largest}
