@@ -107,7 +107,8 @@ def make_default_controller(args, spec, backend):
         stderr.print(f"budget policy unavailable for model {spec.name} ({exc}); the default budget "
                      f"({config.accuracy_budget_pp:g} pp at δ = {config.risk:g}) needs at least "
                      f"{rows_needed(config.accuracy_budget_pp / 100, config.risk):,} validation rows. Running the "
-                     f"paper's policy instead (--policy paper), uncertified: {fallback_words(controller.config)}")
+                     f"paper's policy instead (--policy paper), uncertified: {fallback_words(controller.config)}",
+                     soft_wrap=True)
         return controller
 
 

@@ -90,7 +90,8 @@ def test_report_from_real_runs(recorded_runs, tmp_path):
     assert bio["energy_source"].startswith(("measured:", "estimated:"))
     assert bio["conditions"]["provider"] == "CPUExecutionProvider"
     html = parse_html(out / "report.html")
-    assert len(html.images) == 5
+    # Five plots, and the budget policy's over time: the locustfile's bio gateway runs the default policy.
+    assert len(html.images) == 6 and html.images[-1]["alt"].startswith("Budget policy over time")
     for image in html.images:
         assert base64.b64decode(image["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
