@@ -20,7 +20,6 @@ def run_headless_locust(scenario: str, *args: str, cwd, timeout_s: float = 120) 
     """Run ``locust -f loadtests/<scenario>.py --headless ARGS`` to its end in a session of its
     own (asserting exit 0, with its stderr when not), and kill that session, the gateway it
     started included, whatever happens."""
-    import os
     import subprocess
     import sys
 
@@ -32,8 +31,20 @@ def run_headless_locust(scenario: str, *args: str, cwd, timeout_s: float = 120) 
         _, stderr = process.communicate(timeout=timeout_s)
         assert process.returncode == 0, stderr[-3000:]
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_session(process)
+
+
+def kill_session(process) -> None:
+    """Kill a process started with ``start_new_session`` and whatever is still in its session
+    (a gateway it started), then reap it."""
+    import os
+    import subprocess
+
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
         process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass

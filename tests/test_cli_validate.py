@@ -181,7 +181,7 @@ def test_ctrl_c_in_the_load_stage_keeps_the_ablation_and_what_was_recorded(tmp_p
     import signal
     import time
 
-    from tests.processes import signal_masks
+    from tests.processes import kill_session, signal_masks
 
     results = tmp_path / "r"
     process = subprocess.Popen([sys.executable, "-m", "green_mlops.cli", "validate", "--requests", "200",
@@ -200,11 +200,7 @@ def test_ctrl_c_in_the_load_stage_keeps_the_ablation_and_what_was_recorded(tmp_p
         assert process.returncode == 130, f"signal masks at the Ctrl-C: {masks}\n{stderr[-2000:]}"
         assert "Traceback" not in stderr
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
+        kill_session(process)
     v = json.loads((results / "validate.json").read_text())
     assert v["claims"] and v["standard"]["n_requests"] == 200  # the finished ablation
     assert v["load_test"]["interrupted"]

@@ -7,7 +7,6 @@ whatever happens (fixtures with ``finally``)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -23,23 +22,11 @@ import pytest
 
 from loadtests.gateway_process import GatewayProcess
 from reports.records import read_records
+from tests.processes import kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 BIO, STANDARD = str(ROOT / "loadtests" / "bio.py"), str(ROOT / "loadtests" / "standard.py")
 LOCUST = [sys.executable, "-m", "locust"]
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """Kill a process started with ``start_new_session`` and everything it started."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 @pytest.fixture
