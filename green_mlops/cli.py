@@ -201,6 +201,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="answer a request on the event loop, no thread hop, when nothing else is in flight "
                             "and its body is at most this big (default 64 KiB; 0: always the worker threads; "
                             "ONNX Runtime only: Triton calls always run in the worker threads)")
+    serve.add_argument("--dynamic-batch-rows", type=_positive_int, default=32,
+                       help="on a gateway pinned to one CPU (jobs serial on the event loop), requests that queue "
+                            "while the model runs share its next run, up to this many rows (default 32; "
+                            "1: one request per run)")
     serve.add_argument("--intra-op-threads", type=_positive_int,
                        help="ONNX Runtime intra-op threads per session (default: one per CPU this process may run on)")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0,
@@ -387,7 +391,8 @@ def _run_serve(args) -> int:
                                max_queue=args.max_queue,
                                # never on the loop for Triton: a network call could hold it for --triton-timeout-s
                                inline_max_body_bytes=args.inline_max_body_bytes if args.backend == "onnxruntime" else 0,
-                               serial_on_loop=len(os.sched_getaffinity(0)) == 1 and args.backend == "onnxruntime")
+                               serial_on_loop=len(os.sched_getaffinity(0)) == 1 and args.backend == "onnxruntime",
+                               dynamic_batch_rows=args.dynamic_batch_rows)
     app = create_app(spec, backend, controller, settings)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -417,7 +422,7 @@ def _run_serve(args) -> int:
     server = DrainingServer(config)
     server.ready_line = (f"green-mlops gateway: model {spec.name} · controller {args.controller} · "
                          f"{backend.provider} · CPUs {cpu_list(os.sched_getaffinity(0))} · "
-                         f"{intra_op_threads} intra-op thread(s){' · serial on the event loop' if settings.serial_on_loop else ''}"
+                         f"{intra_op_threads} intra-op thread(s){f' · serial on the event loop, dynamic batches up to {settings.dynamic_batch_rows} rows' if settings.serial_on_loop else ''}"
                          f" · energy {energy} · listening on http://{host}:{port}"
                          f"\ngreen-mlops gateway: dashboard http://{host}:{port}/dashboard")
     try:

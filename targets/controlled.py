@@ -77,6 +77,10 @@ class ControlledTarget:
     def provider(self) -> str:
         return self.backend.provider
 
+    def check(self, batch) -> np.ndarray:
+        """The batch as the model takes it; InputError when it does not fit."""
+        return self.backend.check(batch)
+
     def predict(self, batch, labels: list[int | None] | None = None) -> list[Outcome]:
         """Answer a batch; raises InputError for a batch that does not fit the model. ``labels``
         (the client's, one per row, when it sent them) go to the audit with the rows it samples."""
@@ -99,9 +103,65 @@ class ControlledTarget:
             for _ in range(len(batch)):
                 controller.request_finished(latency_ms)
 
+    def predict_many(self, batches: list, labels: list | None = None) -> list[list[Outcome]]:
+        """Answer several requests' batches with shared stage runs (dynamic batching): one list of
+        outcomes per request, each as :meth:`predict` would give it. Per request, as there: the
+        shed decision, the audit's draw and the certified path's point; per row, the controller's
+        decisions. The batches must have the same row shape and dtype (the caller groups them);
+        ``labels`` has one entry (a list or None) per request. Raises InputError when a batch does
+        not fit the model, before any model work."""
+        if len(batches) == 1:
+            return [self.predict(batches[0], labels[0] if labels else None)]
+        checked = [self.backend.check(b) for b in batches]
+        labels = labels or [None] * len(checked)
+        controller = self.controller
+        if controller is None:
+            return _split([Outcome(row, None) for row in self.backend.full_probabilities(np.concatenate(checked))],
+                          [len(b) for b in checked])
+        results: list[list[Outcome] | None] = [None] * len(checked)
+        served, rows, row_labels, points, audited = [], [], [], [], []
+        for k, batch in enumerate(checked):
+            shed = controller.shed_decision()
+            if shed is not None:
+                results[k] = [Outcome(None, shed, 0) for _ in range(len(batch))]
+                continue
+            served.append(k)
+            rows.append(batch)
+            request_labels = labels[k]
+            row_labels += [_label(request_labels, i) for i in range(len(batch))]
+            audit = self.auditor is not None and self.auditor.sample()
+            point = controller.path_point()
+            points += [point] * len(batch)
+            audited += [audit] * len(batch)
+        if served:
+            joined = np.concatenate(rows)
+            started_ns = time.perf_counter_ns()
+            if self.track_load:
+                for _ in range(len(joined)):
+                    controller.request_started()
+            try:
+                outcomes = self._run_ladder(joined, controller, row_labels, points, audited)
+            finally:
+                if self.track_load:
+                    latency_ms = (time.perf_counter_ns() - started_ns) / 1e6
+                    for _ in range(len(joined)):
+                        controller.request_finished(latency_ms)
+            for k, part in zip(served, _split(outcomes, [len(r) for r in rows])):
+                results[k] = part
+        return results
+
     def _controlled(self, batch: np.ndarray, controller: BioController, labels=None) -> list[Outcome]:
+        audit = self.auditor is not None and self.auditor.sample()
+        point = controller.path_point()  # budget policy: one point of the certified path per request
+        n = len(batch)
+        return self._run_ladder(batch, controller, [_label(labels, i) for i in range(n)], [point] * n, [audit] * n)
+
+    def _run_ladder(self, batch: np.ndarray, controller: BioController, labels: list, points: list,
+                    audited: list) -> list[Outcome]:
+        """The ladder on ``batch``, row ``i`` decided at ``points[i]`` and handed to the auditor
+        when ``audited[i]``, with label ``labels[i]``."""
         backend, n_stages, n = self.backend, self.n_stages, len(batch)
-        auditor = self.auditor if self.auditor is not None and self.auditor.sample() else None
+        auditor = self.auditor
         kind = controller.config.uncertainty
         use_cache = controller.config.skip_action == ACTION_CACHE
         keys = [input_key(row) for row in batch] if use_cache else [None] * n
@@ -110,7 +170,6 @@ class ControlledTarget:
         left_at = [n_stages] * n
         running = list(range(n))  # original row of each row of `x`
         x = batch
-        point = controller.path_point()  # budget policy: one point of the certified path per request
         for index in range(n_stages):
             probabilities, hidden = backend.stage(index, x)
             if index == n_stages - 1:
@@ -118,15 +177,14 @@ class ControlledTarget:
                     answers[i] = probabilities[r]
                     if use_cache:
                         controller.remember(keys[i], probabilities[r])
-                    if auditor is not None and point is not None:  # it ran the whole ladder: a sampled agreement, no work
-                        auditor.submit(AuditJob(n_stages, None, int(probabilities[r].argmax()), point[0],
-                                                _label(labels, i)))
+                    if audited[i] and points[i] is not None:  # it ran the whole ladder: a sampled agreement, no work
+                        auditor.submit(AuditJob(n_stages, None, int(probabilities[r].argmax()), points[i][0], labels[i]))
                 break
             u = uncertainty(probabilities, kind)
             last_exit = index == n_stages - 2
             going_on = []
             for r, i in enumerate(running):
-                decision = controller.decide(float(u[r]), keys[i], index + 1, last_exit, point)
+                decision = controller.decide(float(u[r]), keys[i], index + 1, last_exit, points[i])
                 decisions[i] = decision
                 if decision.admitted:
                     going_on.append(r)
@@ -138,9 +196,9 @@ class ControlledTarget:
                     answers[i] = probabilities[r] if cached is None else cached
                 elif decision.action != ACTION_REJECT:
                     answers[i] = probabilities[r]
-                    if auditor is not None and point is not None:
+                    if audited[i] and points[i] is not None:
                         auditor.submit(AuditJob(index + 1, np.array(hidden[r : r + 1]), int(probabilities[r].argmax()),
-                                                point[0], _label(labels, i)))
+                                                points[i][0], labels[i]))
             if not going_on:
                 break
             running = [running[r] for r in going_on]
@@ -150,3 +208,11 @@ class ControlledTarget:
 
 def _label(labels, i: int) -> int | None:
     return labels[i] if labels is not None and i < len(labels) else None
+
+
+def _split(outcomes: list[Outcome], sizes: list[int]) -> list[list[Outcome]]:
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(outcomes[start : start + size])
+        start += size
+    return parts

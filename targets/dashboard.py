@@ -7,9 +7,9 @@
 * ``GET /dashboard/state?since=SEQ``: the live state as JSON (see :mod:`targets.live`), the points
   after ``SEQ`` and the current figures; the page polls it twice a second;
 * ``GET /dashboard/static/{file}``: the page's script, style and chart library;
-* a pure-ASGI middleware that times every ``POST …/infer`` from arrival to the response's first
-  byte and hands its status, answer body and the client's ``X-Green-MLOps-Label`` header (if any)
-  to the live state. It never changes a request or an answer.
+* the live state (:class:`targets.live.LiveState`) that the gateway's infer lane
+  (:mod:`targets.infer_lane`) hands every ``POST …/infer`` to after answering it: its status,
+  latency, answer body and the client's ``X-Green-MLOps-Label`` header (if any).
 
 With the gateway's Prometheus ``registry``, the same live figures are exported for Prometheus and
 Grafana (:class:`LiveCollector`): energy per request and cumulative energy and CO2, each with a
@@ -21,14 +21,13 @@ an energy source reads), so the page says "not known" rather than 0 when there i
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from targets.live import HEADER_LENGTH, LABEL_HEADER, LiveState
+from targets.live import LABEL_HEADER, LiveState
 
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "dashboard"
 STATIC_FILES = {  # what /dashboard/static serves, and nothing else
@@ -38,50 +37,6 @@ STATIC_FILES = {  # what /dashboard/static serves, and nothing else
     "uPlot.min.css": "text/css",
     "uPlot.LICENSE": "text/plain",
 }
-_LABEL = LABEL_HEADER.encode()
-_HEADER_LENGTH = HEADER_LENGTH.encode()
-
-
-class LiveMiddleware:
-    """Observes infer requests for the live state (pure ASGI: no body is copied but the answer's)."""
-
-    def __init__(self, app, live: LiveState):
-        self.app, self.live = app, live
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
-            return await self.app(scope, receive, send)
-        started_ns = time.perf_counter_ns()
-        labels = None
-        for name, value in scope["headers"]:
-            if name == _LABEL:
-                labels = value.decode("latin-1")
-                break
-        seen = {"status": 0, "latency_ms": None, "header_length": None}
-        chunks: list[bytes] = []
-
-        async def observed_send(message):
-            kind = message["type"]
-            if kind == "http.response.start":
-                seen["latency_ms"] = (time.perf_counter_ns() - started_ns) / 1e6
-                seen["status"] = message["status"]
-                for name, value in message.get("headers", ()):
-                    if name == _HEADER_LENGTH:
-                        seen["header_length"] = value.decode("latin-1")
-            elif kind == "http.response.body":
-                chunks.append(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        finally:
-            latency_ms = seen["latency_ms"]
-            if latency_ms is None:  # no answer left (an unexpected error): a failure all the same
-                latency_ms, seen["status"] = (time.perf_counter_ns() - started_ns) / 1e6, 500
-            try:
-                self.live.observe(seen["status"], latency_ms, b"".join(chunks), seen["header_length"], labels)
-            except Exception:  # the dashboard must never break inference
-                pass
 
 
 class LiveCollector:
@@ -136,8 +91,9 @@ def reference_accuracy(spec) -> tuple[float, str] | None:
 
 
 def install_dashboard(app: FastAPI, spec, controller, provider: str, registry=None) -> LiveState:
-    """Add the dashboard's routes and middleware to a gateway ``app`` (and, given the gateway's
-    Prometheus ``registry``, the live figures to its ``/metrics``); returns its live state."""
+    """Add the dashboard's routes to a gateway ``app`` (and, given the gateway's Prometheus
+    ``registry``, the live figures to its ``/metrics``); returns its live state, which the caller
+    feeds with every infer request (``LiveState.observe``)."""
 
     def energy():
         feed = getattr(app.state, "energy_feed", None)
@@ -153,7 +109,6 @@ def install_dashboard(app: FastAPI, spec, controller, provider: str, registry=No
     app.state.live = live
     if registry is not None:
         registry.register(LiveCollector(live, energy))
-    app.add_middleware(LiveMiddleware, live=live)
     page = (STATIC_DIR / "index.html").read_text()
 
     @app.get("/dashboard", include_in_schema=False)

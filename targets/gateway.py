@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -38,12 +38,15 @@ from targets.controlled import ControlledTarget, EarlyExitBackend, Outcome
 from targets.controller import ACTION_REJECT, ACTION_SHED, BioController
 from targets.dashboard import install_dashboard
 from targets.errors import BackendError, InputError
+from targets.infer_lane import InferLane, Reply, error_reply, request_header
 from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
 from targets.live import LABEL_HEADER
+from targets.loop_batcher import BatcherCollector, LoopBatcher
 from targets.model_dir import ModelSpec
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 DRAIN_MAX_BYTES = 64 << 20  # an oversized body is read and dropped up to this much, then cut off
+_LABEL, _HEADER_LENGTH = LABEL_HEADER.encode(), HEADER_LENGTH.encode()
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class GatewaySettings:
     # in flight and in the queue bound): for a gateway on one CPU, where worker threads add
     # hand-offs and no parallelism.
     serial_on_loop: bool = False
+    # serial_on_loop: requests queued while the model runs share its next run, up to this many rows
+    # (1: one request per run).
+    dynamic_batch_rows: int = 32
 
 
 class PayloadTooLarge(Exception):
@@ -327,9 +333,9 @@ async def _discard_body(receive, timeout_s: float) -> None:
         return
 
 
-def _declared_length(request: Request) -> int | None:
+def _declared_length(scope) -> int | None:
     try:
-        return int(request.headers.get("content-length", ""))
+        return int(request_header(scope, b"content-length") or "")
     except ValueError:
         return None
 
@@ -358,9 +364,13 @@ def create_app(
     tokenizer = spec.load_tokenizer()  # text models: BYTES inputs are tokenised here, at the edge
     in_flight = [0]
     answered = [0]
-    loop_turn = asyncio.Lock()  # serial_on_loop: one job at a time on the event loop
+    # serial_on_loop: one model run at a time on the event loop, queued requests merged into it
+    batcher = LoopBatcher(target.predict_many, max(1, settings.dynamic_batch_rows))
+    app.state.batcher = batcher
     app.state.answered_requests = lambda: answered[0]  # running count, for energy per request
     metrics = _Metrics(target, lambda: in_flight[0], lambda: executor.pending, auditor)
+    if settings.serial_on_loop:
+        metrics.registry.register(BatcherCollector(batcher))
     n_classes = len(spec.classes)
     metadata = {
         "name": spec.name,
@@ -425,15 +435,12 @@ def create_app(
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def answer(body: bytes, header_length: str | None, service_ms: list[float], labels=None):
-        """Worker-thread job: decode, check, predict, encode; (outcomes, body, media, headers).
-        ``service_ms[0]`` is set to the model's work (predict), the service time the SLO loop
-        tells from queueing."""
-        decoded = decode_infer_request(body, header_length, spec.input_name, spec.input_dtype,
-                                       settings.max_batch, tokenizer)
-        predict_started_ns = time.perf_counter_ns()
-        outcomes = target.predict(decoded.batch, labels)
-        service_ms[0] = (time.perf_counter_ns() - predict_started_ns) / 1e6
+    def decode(body: bytes, header_length: str | None):
+        return decode_infer_request(body, header_length, spec.input_name, spec.input_dtype, settings.max_batch,
+                                    tokenizer)
+
+    def respond(decoded, outcomes: list[Outcome]):
+        """(outcomes, body, media, headers); no body when the request was rejected or shed."""
         if any(o.action in (ACTION_REJECT, ACTION_SHED) for o in outcomes):
             return outcomes, None, None, None
         probabilities = np.stack([o.probabilities for o in outcomes])
@@ -444,19 +451,33 @@ def create_app(
         media = "application/octet-stream" if decoded.binary_output else "application/json"
         return outcomes, content, media, headers
 
+    def answer(body: bytes, header_length: str | None, service_ms: list[float], labels=None):
+        """Worker-thread job: decode, check, predict, encode; (outcomes, body, media, headers).
+        ``service_ms[0]`` is set to the model's work (predict), the service time the SLO loop
+        tells from queueing."""
+        decoded = decode(body, header_length)
+        predict_started_ns = time.perf_counter_ns()
+        outcomes = target.predict(decoded.batch, labels)
+        service_ms[0] = (time.perf_counter_ns() - predict_started_ns) / 1e6
+        return respond(decoded, outcomes)
+
     async def run(body: bytes, header_length: str | None, service_ms: list, labels=None):
         """The answer job, inline on the event loop when the gateway is otherwise idle (no other
         request in flight, none queued, a small body), else in the worker pool. Inline saves the
         two thread hand-offs (measured: most of the overhead above the HTTP floor at concurrency
         1); a request whose body arrived while another ran has counted itself in flight by the
         time this one looks (the yield below), so under load the pool, the queue bound and the
-        congestion signal work as before."""
+        congestion signal work as before. With ``serial_on_loop`` small jobs always run on the
+        loop, through the dynamic batcher (targets.loop_batcher): decoded and checked first (bad
+        input fails alone), then merged with the requests queued beside them into one model run."""
         small = len(body) <= settings.inline_max_body_bytes
         if small and settings.serial_on_loop:
-            executor.reserve()
+            executor.reserve()  # in the queue bound (503 beyond it) and the queue depth
             try:
-                async with loop_turn:  # FIFO: the waiting requests are in flight, and queued
-                    return answer(body, header_length, service_ms, labels)
+                decoded = decode(body, header_length)
+                batch = target.check(decoded.batch)
+                outcomes, service_ms[0] = await batcher.submit(batch, labels)
+                return respond(decoded, outcomes)
             finally:
                 executor.release()
         if small and in_flight[0] == 1:
@@ -468,44 +489,41 @@ def create_app(
                     pass
         return await asyncio.wrap_future(executor.submit(answer, body, header_length, service_ms, labels))
 
-    async def read_body(request: Request) -> bytes | JSONResponse:
+    async def read_body(scope, receive) -> bytes | Reply:
         """The body, or the 408/413 answer (Connection: close) that replaces it."""
         limit, timeout_s = settings.max_body_bytes, settings.body_timeout_s
         started = time.monotonic()
-        declared = _declared_length(request)
+        declared = _declared_length(scope)
         close = {"Connection": "close"}
         too_large = f"request body exceeds {limit} bytes"
         try:
             if declared is not None and declared > limit:
                 raise PayloadTooLarge
             async with asyncio.timeout(timeout_s):
-                return await _read_body(request.receive, limit)
+                return await _read_body(receive, limit)
         except PayloadTooLarge as exc:
             metrics.requests.labels(spec.name, "too_large", "none").inc()
-            expects_continue = "100-continue" in request.headers.get("expect", "").lower()
+            expects_continue = "100-continue" in (request_header(scope, b"expect") or "").lower()
             if exc.more and not expects_continue and (declared is None or declared <= DRAIN_MAX_BYTES):
-                await _discard_body(request.receive, timeout_s - (time.monotonic() - started))
-            return _error(413, too_large, headers=close)
+                await _discard_body(receive, timeout_s - (time.monotonic() - started))
+            return error_reply(413, too_large, headers=close)
         except TimeoutError:
             metrics.requests.labels(spec.name, "body_timeout", "none").inc()
-            return _error(408, f"request body not received within {timeout_s:g} s", headers=close)
+            return error_reply(408, f"request body not received within {timeout_s:g} s", headers=close)
 
-    async def infer(request: Request):
-        """POST …/infer, a plain Starlette endpoint: FastAPI's parameter handling costs more per
-        request than anything it would give this route (the path names the model; the version is
-        not checked)."""
-        name = request.path_params["name"]
-        missing = _model_or_404(name)
-        if missing is not None:
+    async def infer(name: str, scope, receive) -> Reply:
+        """POST …/infer, answered by the infer lane (targets.infer_lane), below the framework: the
+        path names the model (the version is not checked); never raises for bad input."""
+        if name != spec.name:
             # One label for every unknown name: client-chosen labels would grow series without bound.
             metrics.requests.labels("(unknown)", "client_error", "none").inc()
-            return missing
+            return error_reply(404, f"unknown model '{name}': this gateway serves '{spec.name}'")
         try:
-            body = await read_body(request)
+            body = await read_body(scope, receive)
         except ClientGone:
             metrics.requests.labels(spec.name, "client_gone", "none").inc()
-            return Response(status_code=400)  # nobody reads it
-        if isinstance(body, Response):
+            return Reply(400, b"")  # nobody reads it
+        if isinstance(body, Reply):
             return body
         # In flight from here: a body still arriving holds no worker and is no congestion.
         started_ns = time.perf_counter_ns()
@@ -517,31 +535,31 @@ def create_app(
         service_ms: list[float | None] = [None]
         try:
             try:
-                labels = _labels(request.headers.get(LABEL_HEADER)) if auditor is not None else None
-                outcomes, content, media, headers = await run(body, request.headers.get(HEADER_LENGTH), service_ms,
-                                                              labels)
+                labels = _labels(request_header(scope, _LABEL)) if auditor is not None else None
+                outcomes, content, media, headers = await run(body, request_header(scope, _HEADER_LENGTH),
+                                                              service_ms, labels)
             except QueueFull:
                 outcome_label = "overloaded"
-                return _error(503, f"gateway busy: {settings.max_queue} requests already queued or "
-                                   "running: retry later", headers=retry)
+                return error_reply(503, f"gateway busy: {settings.max_queue} requests already queued or "
+                                        "running: retry later", headers=retry)
             except InputError as exc:
-                return _error(400, str(exc))
+                return error_reply(400, str(exc))
             except BackendError as exc:
                 outcome_label = "backend_error"
-                return _error(503, f"inference backend unavailable: {exc}", headers=retry)
+                return error_reply(503, f"inference backend unavailable: {exc}", headers=retry)
             action = outcomes[0].action if len(outcomes) == 1 else "batch"
             if content is None and outcomes[0].action == ACTION_SHED:
                 outcome_label = "shed"
-                return _error(503, "request shed: the latency SLO is not met within the accuracy budget: "
-                                   "retry later", headers=retry,
-                              parameters=_decision_parameters(outcomes, _slo_parameters(target.controller)))
+                return error_reply(503, "request shed: the latency SLO is not met within the accuracy budget: "
+                                        "retry later", headers=retry,
+                                   parameters=_decision_parameters(outcomes, _slo_parameters(target.controller)))
             if content is None:
                 outcome_label = "rejected"
-                return _error(503, "request not admitted by the controller: retry later", headers=retry,
-                              parameters=_decision_parameters(outcomes, _slo_parameters(target.controller)))
+                return error_reply(503, "request not admitted by the controller: retry later", headers=retry,
+                                   parameters=_decision_parameters(outcomes, _slo_parameters(target.controller)))
             outcome_label = "ok"
             answered[0] += 1
-            return Response(content, media_type=media, headers=headers)
+            return Reply(200, content, media, headers)
         except Exception:
             outcome_label = "server_error"
             raise
@@ -555,10 +573,7 @@ def create_app(
             if served:
                 metrics.latency.labels(spec.name, action).observe(latency_s)
 
-    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
-        app.add_route(path, infer, methods=["POST"], include_in_schema=False)
-    # Matched first: the router tries routes in order, and this is the one that carries the load.
-    infer_routes = app.router.routes[-2:]
-    app.router.routes[:] = infer_routes + app.router.routes[:-2]
-    install_dashboard(app, spec, controller, target.provider, metrics.registry)  # /dashboard, its state and static files
+    live_state = install_dashboard(app, spec, controller, target.provider, metrics.registry)  # /dashboard
+    # Outermost: infer requests never enter the framework's middleware, routing or exception handling.
+    app.add_middleware(InferLane, handle=infer, observe=live_state.observe)
     return app
