@@ -186,6 +186,22 @@ def test_c1_in_process(benchmark, name, sides):
     benchmark.pedantic(lambda: target.predict(side.rows[step()]), rounds=1500, warmup_rounds=100)
 
 
+IDLE_GAP_S = 0.0003  # about the HTTP floor: how long a gateway's CPU idles between two requests at concurrency 1
+
+
+@pytest.mark.benchmark(group="overhead, concurrency 1")
+@pytest.mark.parametrize("name", MODELS)
+def test_c1_in_process_after_idle(benchmark, name, sides):
+    """The in-process call, each after the thread slept 0.3 ms (untimed): what a server's model
+    call costs when its CPU went idle while the answer travelled and the next request came. On
+    this machine (a VM) that alone added about 0.3 ms to digits' 2.4 ms: part of what the gateway
+    "adds" at concurrency 1 is not its code (docs/gateway-overhead.md, section 5)."""
+    side = sides(name)
+    target, step = ControlledTarget(side.backend, None), _cycle(len(side.rows))
+    benchmark.pedantic(lambda: target.predict(side.rows[step()]), setup=lambda: time.sleep(IDLE_GAP_S),
+                       rounds=1500, warmup_rounds=100)
+
+
 @pytest.mark.benchmark(group="overhead, concurrency 1")
 def test_c1_http_floor(benchmark, off_gateways):
     """A health check on the digits gateway: HTTP, routing and a tiny JSON answer, no model."""
