@@ -12,7 +12,9 @@ decoding (JSON, ``np.asarray``, tokenisation), inference and the encoding of the
 job in a pool of ``max_concurrency`` threads, whose queue holds at most ``max_queue`` jobs (queued
 or running; beyond that 503 with Retry-After); when the gateway is otherwise idle (no other
 request in flight or queued) and the body is small, the job runs on the event loop instead (and
-always, one at a time in arrival order, with ``serial_on_loop``: a gateway on one CPU). The in-flight count and the recent p95 of
+always, one model run at a time in arrival order, with ``serial_on_loop``: a gateway on one CPU,
+where requests queued during a run share the next one, see :mod:`targets.loop_batcher`). Infer
+requests are answered by a plain-ASGI lane in front of the framework (:mod:`targets.infer_lane`). The in-flight count and the recent p95 of
 in-flight-to-answer latencies are the controller's congestion signal ĉ. Every answer, errors
 included, is JSON with a message; bad input is a 4xx, never a 5xx.
 """
