@@ -43,10 +43,6 @@ class LoopBatcher:
         self.requests = 0
         self.rows = 0
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def submit(self, batch, labels=None):
         job = _Job(batch, labels, asyncio.get_running_loop().create_future())
         self._queue.append(job)
