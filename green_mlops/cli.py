@@ -235,6 +235,12 @@ def _parser() -> argparse.ArgumentParser:
     repo.add_argument("--max-queue-delay-us", type=int, default=500)
     repo.add_argument("--instance-kind", choices=("cpu", "gpu"), default="cpu")
     repo.add_argument("--instance-count", type=_positive_int, default=1)
+    repo.add_argument("--bio", action="store_true",
+                      help="also write <model>_bio: the ladder and its controller inside Triton (Python backend, "
+                           "BLS), with the thresholds certified here on the validation split (as 'serve' would)")
+    repo.add_argument("--bio-instance-count", type=_positive_int, default=1,
+                      help="instances of <model>_bio, each with a controller of its own (default 1)")
+    _add_controller_flags(repo)
     up = triton_commands.add_parser("up", help="start a real Triton server on 127.0.0.1 (Ctrl-C stops it)")
     up.add_argument("--repo", type=Path, required=True)
     up.add_argument("--http-port", type=int, default=8001, help="default 8001 (serve takes 8000)")
@@ -474,6 +480,29 @@ def _poll_triton_congestion(triton, controller, interval_s: float = 0.5) -> None
     threading.Thread(target=poll, name="triton-congestion", daemon=True).start()
 
 
+def _bio_bundle(args, spec) -> dict:
+    """The controller ``serve`` would run for these flags (budget policy unless told, resting
+    mid-path: ``--spend adaptive``), certified in-process on the validation split, as data."""
+    from targets.budget_policy import DEFAULT_SERVE_SPEND
+    from targets.calibration import check_ladder
+    from targets.controller_bundle import controller_bundle
+    from targets.controller_config import read_toml
+    from targets.ort_target import OnnxRuntimeTarget
+
+    backend = OnnxRuntimeTarget(spec)
+    check_ladder(spec, backend)
+    if args.spend is None and (args.config is None or "spend" not in read_toml(args.config)):
+        args.spend = DEFAULT_SERVE_SPEND
+    controller = make_default_controller(args, spec, backend)
+    certificate = controller.budget.calibration.as_dict() if controller.budget is not None else None
+    stderr.print(f"{spec.name}_bio: policy {controller.config.policy}"
+                 + (f", spend {controller.budget.spend}, certified ceiling {certificate['ceiling_thresholds']} "
+                    f"({certificate['budget_pp']:g} pp at δ = {certificate['risk_delta']:g}, "
+                    f"{certificate['path']} path, {certificate['n_test']} test rows)" if certificate else
+                    f", τ∞ {controller.config.exit_tau_inf or controller.config.tau_inf}"), soft_wrap=True, markup=False)
+    return controller_bundle(controller)
+
+
 def _run_triton(args) -> int:
     from green_mlops.models import resolve_model
     from targets.triton_repo import RepoOptions, write_repository
@@ -490,8 +519,10 @@ def _run_triton(args) -> int:
             raise GreenMLOpsError(f"--preferred-batch-sizes must be integers, got '{args.preferred_batch_sizes}'") from exc
         options = RepoOptions(flavour=args.flavour, max_batch_size=args.max_batch_size,
                               preferred_batch_sizes=preferred, max_queue_delay_us=args.max_queue_delay_us,
-                              instance_kind=args.instance_kind, instance_count=args.instance_count)
-        written = write_repository(resolve_model(args.model), args.out, options)
+                              instance_kind=args.instance_kind, instance_count=args.instance_count,
+                              bio_instance_count=args.bio_instance_count)
+        spec = resolve_model(args.model)
+        written = write_repository(spec, args.out, options, bio_bundle=_bio_bundle(args, spec) if args.bio else None)
         stdout.print(f"Triton repository ({args.flavour}) written to {args.out}: "
                      f"{', '.join(p.name for p in written.values())}", soft_wrap=True)
         return EXIT_OK

@@ -69,6 +69,7 @@ class RepoOptions:
     max_queue_delay_us: int = 500
     instance_kind: str = "cpu"
     instance_count: int = 1
+    bio_instance_count: int = 1  # instances of <name>_bio (each with a controller of its own)
     names: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,7 +77,8 @@ class RepoOptions:
             raise GreenMLOpsError(f"flavour must be one of {', '.join(FLAVOURS)}, got '{self.flavour}'")
         if self.instance_kind not in KINDS:
             raise GreenMLOpsError(f"instance kind must be cpu or gpu, got '{self.instance_kind}'")
-        if self.max_batch_size < 1 or self.instance_count < 1 or self.max_queue_delay_us < 0:
+        if (self.max_batch_size < 1 or self.instance_count < 1 or self.bio_instance_count < 1
+                or self.max_queue_delay_us < 0):
             raise GreenMLOpsError("max batch size and instance count must be >= 1, queue delay >= 0")
         if any(not 1 <= b <= self.max_batch_size for b in self.preferred_batch_sizes):
             raise GreenMLOpsError(f"preferred batch sizes must lie in [1, {self.max_batch_size}]")
@@ -133,10 +135,68 @@ def config_pbtxt(name: str, graph: GraphSpec, options: RepoOptions) -> str:
             f"    kind: {KINDS[options.instance_kind]}\n  }}\n]\n")
 
 
-def write_repository(spec: ModelSpec, out: Path, options: RepoOptions = RepoOptions()) -> dict[str, Path]:
+def pbtxt_string(text: str) -> str:
+    """``text`` as a protobuf text-format string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def bio_config_pbtxt(name: str, spec: ModelSpec, options: RepoOptions, parameters: dict) -> str:
+    """``config.pbtxt`` of ``<name>_bio`` (Python backend; see :mod:`targets.triton_bio`): the
+    model's input, the bio outputs, dynamic batching and instances as for the other models, and
+    the ladder with the controller bundle as the ``green_mlops`` parameter (JSON)."""
+    import json
+
+    from targets.triton_bio import OUTPUTS, PARAMETER
+
+    input_name, input_type, input_dims = _signature(spec.stages[0])[0][0]
+    dims = {"probabilities": [len(spec.classes)], "exit_stage": [1], "path_index": [1], "action": [1]}
+    outputs = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, dims[n]))} ]\n  }}'
+                         for n, t in OUTPUTS)
+    preferred = ", ".join(str(b) for b in options.preferred_batch_sizes)
+    value = pbtxt_string(json.dumps(parameters, separators=(",", ":")))
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {options.max_batch_size}\n'
+            f'input [\n  {{\n    name: "{input_name}"\n    data_type: {input_type}\n'
+            f'    dims: [ {", ".join(map(str, input_dims))} ]\n  }}\n]\n'
+            f"output [\n{outputs}\n]\n"
+            f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+            f"  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}\n"
+            # The controller runs on the CPU whatever the stages run on; every instance has its own.
+            f"instance_group [\n  {{\n    count: {options.bio_instance_count}\n    kind: KIND_CPU\n  }}\n]\n"
+            f'parameters {{\n  key: "{PARAMETER}"\n  value: {{\n    string_value: {value}\n  }}\n}}\n')
+
+
+def write_bio_model(spec: ModelSpec, out: Path, options: RepoOptions, bundle: dict) -> Path:
+    """Write ``<name>_bio`` into the repository ``out`` (whose stage models it calls): config,
+    ``1/model.py`` and, under ``1/control/targets/``, the control modules it imports, copied
+    byte for byte from this installation (:data:`targets.triton_bio.CONTROL_MODULES`)."""
+    import targets
+    from targets.triton_bio import CONTROL_MODULES, MODEL_PY, PARAMETERS_VERSION, ladder_parameters
+
+    names = triton_model_names(spec.name, spec.n_stages)
+    name = f"{spec.name}_bio"
+    parameters = {"version": PARAMETERS_VERSION, "ladder": ladder_parameters(spec, names), "bundle": bundle}
+    config = bio_config_pbtxt(name, spec, options, parameters)
+    model_dir = Path(out) / name
+    control = model_dir / "1" / "control" / "targets"
+    source = Path(targets.__file__).resolve().parent
+    try:
+        control.mkdir(parents=True, exist_ok=True)
+        for module in CONTROL_MODULES:
+            shutil.copyfile(source / f"{module}.py", control / f"{module}.py")
+        (model_dir / "1" / "model.py").write_text(MODEL_PY)
+        (model_dir / "config.pbtxt").write_text(config)
+    except OSError as exc:
+        raise GreenMLOpsError(f"cannot write the Triton repository into {out}: {exc}") from exc
+    return model_dir
+
+
+def write_repository(spec: ModelSpec, out: Path, options: RepoOptions = RepoOptions(),
+                     bio_bundle: dict | None = None) -> dict[str, Path]:
     """Write one model per graph (full and every stage) under ``out``; returns their directories
     by graph key. The model directory was validated when ``spec`` was loaded; here the name and
-    the output folder are checked before anything is written."""
+    the output folder are checked before anything is written. With ``bio_bundle`` (a
+    :func:`~targets.controller_bundle.controller_bundle`), also ``<name>_bio`` (key ``bio``): the
+    ladder and its controller inside Triton (:mod:`targets.triton_bio`)."""
     names = triton_model_names(spec.name, spec.n_stages)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -156,4 +216,6 @@ def write_repository(spec: ModelSpec, out: Path, options: RepoOptions = RepoOpti
         except OSError as exc:
             raise GreenMLOpsError(f"cannot write the Triton repository into {out}: {exc}") from exc
         written[key] = model_dir
+    if bio_bundle is not None:
+        written["bio"] = write_bio_model(spec, out, options, bio_bundle)
     return written

@@ -29,7 +29,7 @@ from targets.child_process import die_with_parent
 from targets.errors import BackendError
 
 DEFAULT_VENV = Path.home() / ".cache" / "green-mlops" / "triton-venv"
-PYTRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime")
+PYTRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime", "scipy")  # scipy: the bio model's control code
 
 
 def triton_venv() -> Path:
