@@ -36,7 +36,7 @@ from targets.ort_target import softmax, trim_padding
 
 CONTROL_MODULES = ("__init__", "errors", "binomial_bounds", "certify", "certified_path", "controller_config",
                    "slo_loop", "budget_policy", "controller", "audit", "controlled", "controller_bundle",
-                   "model_dir", "ort_target", "triton_bio")
+                   "model_dir", "tokenizer", "ort_target", "triton_bio")
 """The ``targets`` modules the Triton model imports (closed under their imports; no FastAPI)."""
 OUTPUTS = (("probabilities", "TYPE_FP32"), ("exit_stage", "TYPE_INT32"), ("path_index", "TYPE_INT32"),
            ("action", "TYPE_STRING"))

@@ -85,12 +85,27 @@ def gateway_off():
     gateway.stop()
 
 
+def settled_budget_controller(spec, backend, **overrides):
+    """The budget policy certified on ``spec``'s validation split, resting at its ceiling, with τ(t)
+    decayed at once (k = 10⁶/s): every decision at the ceiling thresholds, from the first request."""
+    from targets.calibration import calibrator
+    from targets.controller_config import build_config
+    from targets.make_controller import make_controller
+
+    flags = {"policy": "budget", "spend": "ceiling", "k_per_s": 1e6, **overrides}
+    config = build_config(spec.controller_hints, None, flags, calibration=calibrator(spec, backend))
+    return make_controller(config, spec, backend)
+
+
 @pytest.fixture(scope="session")
-def triton_repo(tmp_path_factory, digits_spec):
+def triton_repo(tmp_path_factory, digits_spec, digits_backend):
+    """The python-flavour repository of digits, with ``digits_bio`` (a settled budget controller)."""
+    from targets.controller_bundle import controller_bundle
     from targets.triton_repo import RepoOptions, write_repository
 
     repo = tmp_path_factory.mktemp("triton-repo")
-    write_repository(digits_spec, repo, RepoOptions(flavour="python", max_queue_delay_us=2000))
+    bundle = controller_bundle(settled_budget_controller(digits_spec, digits_backend))
+    write_repository(digits_spec, repo, RepoOptions(flavour="python", max_queue_delay_us=2000), bio_bundle=bundle)
     return repo
 
 
