@@ -176,6 +176,17 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"replicates of the load stage, each a fresh schedule of the same parameters, the modes "
                            f"in counterbalanced order (standard, bio | bio, standard | …); the latency bound is over "
                            f"the replicates, so it carries run-to-run variation (default {DEFAULT_REPEATS})")
+    load.add_argument("--backend", choices=("gateway", "triton"), default="gateway",
+                      help="what the load test drives: the gateway (default, one per run) or a Triton server started "
+                           "here for the whole stage, standard on <model>_full and bio on <model>_bio (the ladder and "
+                           "this controller inside Triton, 'triton repo --bio')")
+    load.add_argument("--triton-flavour", choices=("python", "onnxruntime_onnx"), default="python",
+                      help="--backend triton: how the graphs run inside Triton (default python: ONNX Runtime in the "
+                           "Python backend, what the pytriton server has; onnxruntime_onnx for a full Triton)")
+    load.add_argument("--triton-bio-stages", choices=("auto", "bls", "inline"), default="auto",
+                      help="--backend triton: how <model>_bio runs the stages (see 'triton repo --bio-stages')")
+    load.add_argument("--triton-server", help="--backend triton: the tritonserver binary (default: PATH, $TRITONSERVER, "
+                                              "or the pytriton venv of 'green-mlops triton install')")
     load.add_argument("--compare-policies", action="store_true",
                       help="also run bio under the other policy (paper/budget) on the same schedule, "
                            "into bio-<policy>; the report sets the policies side by side")
@@ -240,6 +251,10 @@ def _parser() -> argparse.ArgumentParser:
                            "BLS), with the thresholds certified here on the validation split (as 'serve' would)")
     repo.add_argument("--bio-instance-count", type=_positive_int, default=1,
                       help="instances of <model>_bio, each with a controller of its own (default 1)")
+    repo.add_argument("--bio-stages", choices=("auto", "bls", "inline"), default="auto",
+                      help="how <model>_bio runs the stages: bls sends each sub-batch to the stage's Triton model; "
+                           "inline runs the stage graphs with ONNX Runtime inside <model>_bio's own process (no hop "
+                           "between models); auto (default): inline for --flavour python, bls for onnxruntime_onnx")
     _add_controller_flags(repo)
     up = triton_commands.add_parser("up", help="start a real Triton server on 127.0.0.1 (Ctrl-C stops it)")
     up.add_argument("--repo", type=Path, required=True)
@@ -520,7 +535,7 @@ def _run_triton(args) -> int:
         options = RepoOptions(flavour=args.flavour, max_batch_size=args.max_batch_size,
                               preferred_batch_sizes=preferred, max_queue_delay_us=args.max_queue_delay_us,
                               instance_kind=args.instance_kind, instance_count=args.instance_count,
-                              bio_instance_count=args.bio_instance_count)
+                              bio_instance_count=args.bio_instance_count, bio_stages=args.bio_stages)
         spec = resolve_model(args.model)
         written = write_repository(spec, args.out, options, bio_bundle=_bio_bundle(args, spec) if args.bio else None)
         stdout.print(f"Triton repository ({args.flavour}) written to {args.out}: "

@@ -81,6 +81,8 @@ def budget_lines(budget: dict) -> list[str]:
 
 
 def run_validate(args) -> int:
+    if args.backend == "triton" and args.compare_policies and not args.no_load:
+        raise GreenMLOpsError("--compare-policies runs through the gateway only: drop it, or --backend triton")
     if args.repeats > 1 and args.load_arrival_rate <= 0 and not args.no_load:
         raise GreenMLOpsError("--repeats > 1 needs open loop (--load-arrival-rate > 0): replicates are paired by "
                               "their schedule, and a closed-loop run has none (add --repeats 1)")
@@ -150,7 +152,7 @@ def run_validate(args) -> int:
     interrupted = False
     if not args.no_load:
         try:
-            summary["load_test"] = _load_test(args, spec, config, results, console, len(x))
+            summary["load_test"] = _load_test(args, spec, controller, results, console, len(x))
             failures += [f"load test: {f}" for f in summary["load_test"]["gate_failures"]]
         except KeyboardInterrupt:
             interrupted = True
@@ -215,7 +217,53 @@ def _load_spec(args, config_path: Path, schedule_path: Path | None) -> LoadSpec:
     return LoadSpec(shape=args.load_shape, base_users=args.load_users, phase_s=args.load_phase_s,
                     run_time_s=args.load_s, arrival_rate=args.load_arrival_rate, seed=args.load_seed,
                     schedule=schedule_path, model=str(args.model), energy=args.energy, country=args.country,
-                    controller_config=config_path)
+                    controller_config=config_path, backend=args.backend)
+
+
+TRITON_WARMUP_REQUESTS = 32  # one-row requests per model before the first run: Python-backend imports, first runs
+
+
+def _start_triton(args, spec, controller, results: Path, console: Console):
+    """``--backend triton``: a repository with ``<model>_full``, the stages and ``<model>_bio``
+    carrying this controller (the thresholds certified above), a server on loopback for the whole
+    load stage (its log in ``results/triton.log``), and both models warmed up. The caller stops it."""
+    from targets.controller_bundle import controller_bundle
+    from targets.kserve import datatype_of
+    from targets.triton_repo import RepoOptions, write_repository
+    from targets.triton_server import TritonServer
+    from targets.triton_target import TritonTarget
+
+    from targets.cpus import cpu_list, split_for_load_test
+
+    split = split_for_load_test()  # Locust and the server on disjoint CPUs, as with the gateway
+    repo = results / "triton-repo"
+    options = RepoOptions(flavour=args.triton_flavour, bio_stages=args.triton_bio_stages)
+    write_repository(spec, repo, options, bio_bundle=controller_bundle(controller))
+    started = time.monotonic()
+    server = TritonServer(repo, server=args.triton_server, log_path=results / "triton.log", startup_timeout_s=120.0,
+                          cpus=split[1] if split else None)
+    server.cpu_sets = {"load_generator": split[0], "server": split[1]} if split else None
+    try:
+        import tritonclient.http as triton_http
+
+        target = TritonTarget(spec, server.url)
+        rows = spec.load_validation()[0][:TRITON_WARMUP_REQUESTS]
+        client = triton_http.InferenceServerClient(server.url)
+        for row in rows:
+            target.full_probabilities(target.check(row[None]))
+            tensor = triton_http.InferInput(spec.input_name, [1, *row.shape], datatype_of(spec.input_dtype))
+            tensor.set_data_from_numpy(target.check(row[None]), binary_data=True)
+            client.infer(f"{spec.name}_bio", [tensor])
+    except BaseException:
+        server.stop()
+        raise
+    console.print(f"Triton at {server.url} ({args.triton_flavour} flavour, bio stages {options.bio_stages_run}; "
+                  f"repository {repo}; log {server.log_path}): "
+                  f"{spec.name}_full for standard, {spec.name}_bio for bio; ready and warmed up in "
+                  f"{time.monotonic() - started:.0f} s; "
+                  + (f"Locust on CPUs {cpu_list(split[0])}, Triton on CPUs {cpu_list(split[1])}" if split else
+                     "Locust and Triton share every CPU"), highlight=False, markup=False, soft_wrap=True)
+    return server
 
 
 def _write_schedule(args, results: Path, n_rows: int, replicate: int = 1) -> Path | None:
@@ -246,8 +294,21 @@ def replicate_plan(repeats: int) -> list[tuple[int, str, str]]:
     return plan
 
 
-def _load_test(args, spec, config, results: Path, console: Console, n_rows: int) -> dict:
-    """Standard then bio under Locust with a congestion pattern, then the report over both."""
+def _load_test(args, spec, controller, results: Path, console: Console, n_rows: int) -> dict:
+    """Standard then bio under Locust with a congestion pattern, then the report over both. Through
+    a gateway per run, or (``--backend triton``) against one Triton server started here."""
+    triton = _start_triton(args, spec, controller, results, console) if args.backend == "triton" else None
+    try:
+        return _load_runs(args, spec, controller.config, results, console, n_rows,
+                          host=None if triton is None else f"http://{triton.url}",
+                          cpu_sets=None if triton is None else triton.cpu_sets)
+    finally:
+        if triton is not None:
+            triton.stop()
+
+
+def _load_runs(args, spec, config, results: Path, console: Console, n_rows: int, host: str | None,
+               cpu_sets: dict | None = None) -> dict:
     config_path = results / "controller.toml"
     config_path.write_text(_toml(asdict(config)))
     schedules = {k: _write_schedule(args, results, n_rows, k) for k in range(1, args.repeats + 1)}
@@ -272,7 +333,8 @@ def _load_test(args, spec, config, results: Path, console: Console, n_rows: int)
         schedule = f", schedule {spec_.schedule.name}" if spec_.schedule else ""
         with console.status(f"load test {position}/{len(runs)}: {name} · {load.shape} · {loop}{schedule} · "
                             f"{load.run_time_s} s …"):
-            run_scenario(scenario, results / name, spec_, on_line=_print_dashboard_url(console))
+            run_scenario(scenario, results / name, spec_, host=host, on_line=_print_dashboard_url(console),
+                         cpu_sets=cpu_sets)
         console.print(f"load test {position}/{len(runs)} {name}: done in {time.monotonic() - started:.0f} s "
                       f"({loop}{schedule})", highlight=False, markup=False)
     return _report(results, console)

@@ -15,22 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from targets.child_process import die_with_parent
+from targets.child_process import die_with_parent, preexec_steps
 from targets.cpus import pin_to
 
 READY_MARK = "listening on "
-
-
-def _preexec(*steps):
-    steps = [step for step in steps if step is not None]
-    if not steps:
-        return None
-
-    def run() -> None:
-        for step in steps:
-            step()
-
-    return run
 
 
 class GatewayProcess:
@@ -54,7 +42,7 @@ class GatewayProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "green_mlops.cli", "serve", "--host", host, "--port", "0", *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            preexec_fn=_preexec(die_with_parent(), pin_to(self.cpus) if self.cpus else None))
+            preexec_fn=preexec_steps(die_with_parent(), pin_to(self.cpus) if self.cpus else None))
         try:
             line = self._wait_listening(startup_timeout_s)
         except BaseException:

@@ -7,6 +7,8 @@ is passed on: the child stops gracefully and finishes its records and ``run.json
 """
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from targets.cpus import cpu_list, pin_to
 from targets.errors import GreenMLOpsError
 
 SCENARIOS = ("standard", "bio")
@@ -23,6 +26,7 @@ STARTUP_ALLOWANCE_S = 150.0  # Locust's start and the gateway's (whose own limit
 # more with its CPUs pinned and Locust beside it), and the schedule starts only once it listens
 INTERRUPT_GRACE_S = 30.0  # how long an interrupted child may take to write what it has
 LOG_FILE = "locust.log"
+CPU_SETS_ENV = "GREEN_MLOPS_CPU_SETS"  # the CPU sets of a run whose server the caller started, for run.json
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class LoadSpec:
     energy: str = "auto"
     country: str = "USA"
     controller_config: Path | None = None  # TOML handed to the gateway the locustfile starts
+    backend: str = "gateway"  # what the host is: the gateway, or a Triton server (<model>_full, <model>_bio)
 
 
 def locustfile(scenario: str) -> Path:
@@ -57,22 +62,32 @@ def command_for(scenario: str, results: Path, spec: LoadSpec, host: str | None =
             command += ["--schedule", str(spec.schedule)]
     if spec.controller_config is not None:
         command += ["--controller-config", str(spec.controller_config)]
+    if spec.backend != "gateway":
+        command += ["--backend", spec.backend]
     if host:
         command += ["--host", host]
     return command
 
 
 def run_scenario(scenario: str, results: Path, spec: LoadSpec, host: str | None = None,
-                 on_line: Callable[[str], None] | None = None) -> Path:
+                 on_line: Callable[[str], None] | None = None, cpu_sets: dict | None = None) -> Path:
     """Run ``scenario`` into ``results``; returns ``results``. GreenMLOpsError if Locust fails;
     KeyboardInterrupt, once the child has stopped, if the caller is interrupted.
+
+    ``cpu_sets`` (``{"load_generator": [...], "server": [...]}``, for a server started by the
+    caller) pins Locust to the load generator's CPUs; ``run.json`` records both.
 
     Locust's output goes to a log file; ``on_line`` receives each of its lines as it is written
     (e.g. the gateway's and its dashboard's URL, printed by the locustfile when it starts)."""
     results.mkdir(parents=True, exist_ok=True)
     log_path = results / LOG_FILE
     with log_path.open("w") as log:
-        process = subprocess.Popen(command_for(scenario, results, spec, host), stdout=log, stderr=subprocess.STDOUT)
+        env, preexec = None, None
+        if cpu_sets is not None:
+            env = {**os.environ, CPU_SETS_ENV: json.dumps({k: cpu_list(v) for k, v in cpu_sets.items()})}
+            preexec = pin_to(cpu_sets["load_generator"])
+        process = subprocess.Popen(command_for(scenario, results, spec, host), stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, preexec_fn=preexec)
         tail = _Tail(log_path, on_line) if on_line is not None else None
         try:
             code = process.wait(timeout=spec.run_time_s + STARTUP_ALLOWANCE_S)

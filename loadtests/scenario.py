@@ -3,7 +3,10 @@
 * With no ``--host`` the locustfile starts the gateway itself (``green-mlops serve`` on an
   ephemeral loopback port, controller on for bio, off for standard; with ``--energy auto`` the
   gateway runs its own energy profiler, so bio's controller is fed ê) and stops it at the end.
-  ``--backend triton --host URL`` drives a Triton server directly (its ``<model>_full``).
+  ``--backend triton --host URL`` drives a Triton server directly: ``<model>_full`` for standard,
+  ``<model>_bio`` (the ladder and its controller inside Triton, ``green-mlops triton repo --bio``)
+  for bio; a row the bio model refused (shed, rejected) is recorded as ``rejected``, as the
+  gateway's 503 is.
 * Each request carries its row's label in the ``X-Green-MLOps-Label`` header, so the gateway's
   live dashboard can show the running accuracy (the controller never reads it).
 * The model is checked at start (one message and exit 2 for a model that cannot be loaded); its
@@ -43,10 +46,12 @@ from locust import FastHttpUser, LoadTestShape, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.records import RUN_FILE, RecordWriter
+from loadtests.runner import CPU_SETS_ENV
 from loadtests.schedule import SCHEDULE_FILE, Schedule, ScheduleError, load_schedule, make_schedule
 from loadtests.shapes import SHAPES, Shape, ShapeParams, spawn_rate
 from reports.records import phase_summary, read_records
 from targets.live import LABEL_HEADER
+from targets.triton_bio import refused_by_triton_bio, triton_bio_parameters
 
 RECORDS_MESSAGE = "green_mlops_records"
 SHIP_EVERY_S = 0.2
@@ -147,7 +152,8 @@ def _arguments(parser):
                        help="planted drift: the noise's standard deviation, in units of each input feature's "
                             "standard deviation over the evaluation rows (seeded by --seed)")
     group.add_argument("--backend", default="gateway", choices=("gateway", "triton"),
-                       help="what --host is: the green-mlops gateway, or a Triton server (its <model>_full)")
+                       help="what --host is: the green-mlops gateway, or a Triton server (its <model>_full for "
+                            "standard, <model>_bio for bio: 'green-mlops triton repo --bio')")
 
 
 def _options(environment):
@@ -235,6 +241,8 @@ def _init(environment, **_):
         environment.host = RUN.gateway.url
         print(f"green-mlops: {RUN.scenario} gateway at {RUN.gateway.url} · dashboard {RUN.gateway.dashboard_url}",
               file=sys.stderr, flush=True)
+    elif os.environ.get(CPU_SETS_ENV):  # a server the caller started and pinned (validate --backend triton)
+        RUN.cpu_sets = json.loads(os.environ[CPU_SETS_ENV])
     RUN.writer = RecordWriter(RUN.results_dir)
     if isinstance(environment.runner, MasterRunner):
         environment.runner.register_message(RECORDS_MESSAGE, lambda msg, **kw: RUN.writer.write(msg.data))
@@ -322,7 +330,9 @@ def _test_start(environment, **_):
     RUN.metadata = {
         "scenario": RUN.scenario,
         "backend": options.backend,
-        "controller": "off" if options.backend == "triton" else "bio" if RUN.scenario == "bio" else "off",
+        "controller": "bio" if RUN.scenario == "bio" else "off",
+        "controller_home": ("none" if RUN.scenario != "bio" else
+                            "triton (<model>_bio)" if options.backend == "triton" else "gateway"),
         "host": environment.host,
         "gateway_started_by_locustfile": RUN.gateway is not None,
         "model": options.model,
@@ -504,9 +514,12 @@ def _print_summary(rows: list[dict]) -> None:
 
 # --- users ------------------------------------------------------------------------------------------
 def _served_name(options) -> str:
-    """The model's name on the server: the gateway serves it as is, Triton as ``<name>_full``."""
+    """The model's name on the server: the gateway serves it as is; Triton as ``<name>_full``
+    (standard) or ``<name>_bio`` (bio)."""
     name = _resolve(options.model).name
-    return f"{name}_full" if options.backend == "triton" else name
+    if options.backend == "triton":
+        return f"{name}_bio" if RUN.scenario == "bio" else f"{name}_full"
+    return name
 
 
 def _load_data(options):
@@ -540,6 +553,8 @@ def outcome_of(status: int, answer: dict, error) -> tuple[str, str | None]:
         return "answered", None
     if status == 503 and answer.get("parameters", {}).get("action") in ("reject", "shed"):
         return "rejected", None  # skip action 'reject', or shed by the budget policy's SLO loop
+    if status >= 400 and refused_by_triton_bio(answer.get("error") if isinstance(answer, dict) else None):
+        return "rejected", None  # the same refusals, by the controller inside Triton
     if status == 0:
         return "failed", f"{type(error).__name__}: {error}" if error is not None else "no response"
     message = answer.get("error") if isinstance(answer, dict) else None
@@ -622,16 +637,26 @@ SLO_FIELDS = ("slo_p95_ms", "slo_seen_p95_ms", "slo_service_p95_ms", "slo_thresh
 
 
 def _parse(content: bytes | None) -> dict:
+    """The answer as a dict, with ``predicted`` (the class of the first output, or of Triton's
+    bio model's ``probabilities``); a Triton bio answer's ``exit_stage``, ``path_index`` and
+    ``action`` outputs become the ``parameters`` the gateway would have sent; a Triton refusal's
+    action is read from its error message."""
     try:
         document = json.loads(content or b"{}")
     except ValueError:
         return {}
     if not isinstance(document, dict):
         return {}
-    outputs = document.get("outputs") or []
-    if outputs and isinstance(outputs[0], dict) and outputs[0].get("data"):
-        data = outputs[0]["data"]
-        document["predicted"] = max(range(len(data)), key=data.__getitem__)
+    outputs = [o for o in document.get("outputs") or [] if isinstance(o, dict)]
+    by_name = {o.get("name"): o.get("data") for o in outputs}
+    scores = by_name.get("probabilities") if "exit_stage" in by_name else (outputs[0].get("data") if outputs else None)
+    if scores:
+        document["predicted"] = max(range(len(scores)), key=scores.__getitem__)
+    if "exit_stage" in by_name:
+        document["parameters"] = triton_bio_parameters(by_name)
+    refusal = refused_by_triton_bio(document.get("error"))
+    if refusal is not None:
+        document.setdefault("parameters", {})["action"] = refusal
     return document
 
 

@@ -41,3 +41,16 @@ def die_with_parent(sig: int = signal.SIGTERM):
             os.kill(os.getpid(), sig)
 
     return preexec
+
+
+def preexec_steps(*steps):
+    """One ``preexec_fn`` running each of ``steps`` (None entries skipped) in order; None if none."""
+    steps = [step for step in steps if step is not None]
+    if not steps:
+        return None
+
+    def run() -> None:
+        for step in steps:
+            step()
+
+    return run

@@ -43,8 +43,33 @@ OUTPUTS = (("probabilities", "TYPE_FP32"), ("exit_stage", "TYPE_INT32"), ("path_
 PARAMETER = "green_mlops"  # the config.pbtxt parameter holding the ladder and the controller bundle
 PARAMETERS_VERSION = 1
 
+REFUSALS = {ACTION_SHED: "shed by the budget policy", ACTION_REJECT: "rejected by the controller"}
+"""How a refusal's error message starts (after the model's name), by action: clients read them back
+with :func:`refused_by_triton_bio`."""
+
 Call = Callable[[str, dict, list], list]
 """``call(triton_model_name, {input_name: array}, [output_name, ...]) -> [array, ...]``."""
+
+
+def refused_by_triton_bio(message) -> str | None:
+    """The action (``shed``, ``reject``) of a bio model's refusal, from Triton's error message;
+    None for any other message."""
+    if not isinstance(message, str):
+        return None
+    return next((action for action, words in REFUSALS.items() if words in message), None)
+
+
+def triton_bio_parameters(outputs: dict) -> dict:
+    """A bio model's outputs (JSON ``data`` lists by output name, one row) as the parameters the
+    gateway answers with: ``stage``, ``action``, ``admitted`` and ``path_index``."""
+    def first(name):
+        data = outputs.get(name)
+        return data[0] if isinstance(data, list) and data else None
+
+    action = first("action")
+    path_index = first("path_index")
+    return {"stage": first("exit_stage"), "action": action, "admitted": action == "full",
+            "path_index": None if path_index is None or path_index < 0 else path_index}
 
 
 class TritonStages:
@@ -136,9 +161,9 @@ class BioModel:
         if not actions:
             return None
         if ACTION_SHED in actions:
-            return "shed by the budget policy: the latency SLO is unmet at the certified ceiling (retry later)"
+            return f"{REFUSALS[ACTION_SHED]}: the latency SLO is unmet at the certified ceiling (retry later)"
         if ACTION_REJECT in actions:
-            return "rejected by the controller (skip action 'reject'): the exit was not confident enough"
+            return f"{REFUSALS[ACTION_REJECT]} (skip action 'reject'): the exit was not confident enough"
         return f"refused by the controller ({', '.join(sorted(actions))})"
 
     def encode(self, outcomes: list[Outcome]) -> dict[str, np.ndarray]:
@@ -185,7 +210,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.name = config["name"]
         self.input_name = config["input"][0]["name"]
-        self.bio = BioModel(json.loads(config["parameters"][PARAMETER]["string_value"]), self._call)
+        parameters = json.loads(config["parameters"][PARAMETER]["string_value"])
+        call = self._call
+        if parameters.get("stages_run") == "inline":
+            call = self._inline_call(Path(args["model_repository"]).parent, parameters["ladder"],
+                                     parameters.get("stages_device") == "gpu")
+        self.bio = BioModel(parameters, call)
         self.metrics, self.families = None, []
         if hasattr(pb_utils, "MetricFamily"):
             labels = {"model": self.name}
@@ -211,6 +241,23 @@ class TritonPythonModel:
                                 "(0 strict, 1 the ceiling)", gauge).Metric(labels=labels),
             }
             self._reported = {"rows": [0] * (self.bio.n_stages + 1), "requests": 0, "runs": 0}
+
+    @staticmethod
+    def _inline_call(repository, ladder, gpu):
+        """The stage graphs run here, in this process, with ONNX Runtime (no hop to another model)."""
+        import onnxruntime
+
+        providers = ["CPUExecutionProvider"]
+        if gpu and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        graphs = [*ladder["stages"], ladder["full"]]
+        sessions = {g["model"]: onnxruntime.InferenceSession(str(repository / g["model"] / "1" / "model.onnx"),
+                                                            providers=providers) for g in graphs}
+
+        def call(model, inputs, outputs):
+            return sessions[model].run(list(outputs), inputs)
+
+        return call
 
     def _call(self, model, inputs, outputs):
         request = pb_utils.InferenceRequest(

@@ -24,6 +24,7 @@ NUMPY_TO_TRITON = {
 }
 FLAVOURS = ("onnxruntime_onnx", "python")
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+BIO_STAGES = ("auto", "bls", "inline")
 
 PYTHON_MODEL = '''"""Triton Python backend model: runs 1/model.onnx with ONNX Runtime (written by green-mlops)."""
 import json
@@ -70,11 +71,23 @@ class RepoOptions:
     instance_kind: str = "cpu"
     instance_count: int = 1
     bio_instance_count: int = 1  # instances of <name>_bio (each with a controller of its own)
+    bio_stages: str = "auto"  # <name>_bio runs the stages as Triton models ("bls"), "inline" (in its own
+    # process), or "auto": inline for the python flavour (each stage model another Python process, so BLS pays
+    # two hops per stage: measured slower than the full model on digits), bls for onnxruntime_onnx
+
+    @property
+    def bio_stages_run(self) -> str:
+        if self.bio_stages != "auto":
+            return self.bio_stages
+        return "inline" if self.flavour == "python" else "bls"
+
     names: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
             raise GreenMLOpsError(f"flavour must be one of {', '.join(FLAVOURS)}, got '{self.flavour}'")
+        if self.bio_stages not in BIO_STAGES:
+            raise GreenMLOpsError(f"bio stages must be one of {', '.join(BIO_STAGES)}, got '{self.bio_stages}'")
         if self.instance_kind not in KINDS:
             raise GreenMLOpsError(f"instance kind must be cpu or gpu, got '{self.instance_kind}'")
         if (self.max_batch_size < 1 or self.instance_count < 1 or self.bio_instance_count < 1
@@ -174,7 +187,8 @@ def write_bio_model(spec: ModelSpec, out: Path, options: RepoOptions, bundle: di
 
     names = triton_model_names(spec.name, spec.n_stages)
     name = f"{spec.name}_bio"
-    parameters = {"version": PARAMETERS_VERSION, "ladder": ladder_parameters(spec, names), "bundle": bundle}
+    parameters = {"version": PARAMETERS_VERSION, "ladder": ladder_parameters(spec, names), "bundle": bundle,
+                  "stages_run": options.bio_stages_run, "stages_device": options.instance_kind}
     config = bio_config_pbtxt(name, spec, options, parameters)
     model_dir = Path(out) / name
     control = model_dir / "1" / "control" / "targets"

@@ -25,7 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from targets.child_process import die_with_parent
+from targets.child_process import die_with_parent, preexec_steps
+from targets.cpus import pin_to
 from targets.errors import BackendError
 
 DEFAULT_VENV = Path.home() / ".cache" / "green-mlops" / "triton-venv"
@@ -108,7 +109,9 @@ class TritonServer:
     process: subprocess.Popen | None = None
 
     def __init__(self, repo: Path, http_port: int = 0, metrics_port: int = 0, server: str | Path | None = None,
-                 startup_timeout_s: float = 60.0, log_path: Path | None = None):
+                 startup_timeout_s: float = 60.0, log_path: Path | None = None, cpus: list[int] | None = None):
+        """``cpus`` pins the server (and every backend process it starts) to those CPUs."""
+        self.cpus = list(cpus) if cpus else None
         install = find_server(server)
         self.http_port = http_port or _free_port()
         self.metrics_port = metrics_port or _free_port()
@@ -144,7 +147,8 @@ class TritonServer:
         # Its own session: a terminal's Ctrl-C reaches this process only, which stops the server.
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=die_with_parent())
+                                        preexec_fn=preexec_steps(die_with_parent(),
+                                                                 pin_to(self.cpus) if self.cpus else None))
         self.url = f"127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self._wait_ready(startup_timeout_s)
