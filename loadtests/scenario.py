@@ -45,13 +45,14 @@ from gevent.pool import Pool
 from locust import FastHttpUser, LoadTestShape, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
+from loadtests.answers import outcome_of
+from loadtests.answers import parse_answer as _parse
 from loadtests.records import RUN_FILE, RecordWriter
 from loadtests.runner import CPU_SETS_ENV
 from loadtests.schedule import SCHEDULE_FILE, Schedule, ScheduleError, load_schedule, make_schedule
 from loadtests.shapes import SHAPES, Shape, ShapeParams, spawn_rate
 from reports.records import phase_summary, read_records
 from targets.live import LABEL_HEADER
-from targets.triton_bio import refused_by_triton_bio, triton_bio_parameters
 
 RECORDS_MESSAGE = "green_mlops_records"
 SHIP_EVERY_S = 0.2
@@ -546,21 +547,6 @@ def _load_data(options):
     return RUN.data
 
 
-def outcome_of(status: int, answer: dict, error) -> tuple[str, str | None]:
-    """``answered``, ``rejected`` (the controller's 503, which names its action: ``reject`` or ``shed``) or ``failed``
-    with a reason (a backend 503, any other status, a timeout, a refused or reset connection)."""
-    if status == 200:
-        return "answered", None
-    if status == 503 and answer.get("parameters", {}).get("action") in ("reject", "shed"):
-        return "rejected", None  # skip action 'reject', or shed by the budget policy's SLO loop
-    if status >= 400 and refused_by_triton_bio(answer.get("error") if isinstance(answer, dict) else None):
-        return "rejected", None  # the same refusals, by the controller inside Triton
-    if status == 0:
-        return "failed", f"{type(error).__name__}: {error}" if error is not None else "no response"
-    message = answer.get("error") if isinstance(answer, dict) else None
-    return "failed", f"HTTP {status}" + (f": {message}" if message else "")
-
-
 class _InferUser(FastHttpUser):
     abstract = True
     concurrency = 64  # connections per user: open-loop sends overlap
@@ -634,30 +620,6 @@ class _InferUser(FastHttpUser):
 
 # The budget policy's SLO loop state as the gateway answered (absent without an SLO).
 SLO_FIELDS = ("slo_p95_ms", "slo_seen_p95_ms", "slo_service_p95_ms", "slo_threshold", "shed_probability")
-
-
-def _parse(content: bytes | None) -> dict:
-    """The answer as a dict, with ``predicted`` (the class of the first output, or of Triton's
-    bio model's ``probabilities``); a Triton bio answer's ``exit_stage``, ``path_index`` and
-    ``action`` outputs become the ``parameters`` the gateway would have sent; a Triton refusal's
-    action is read from its error message."""
-    try:
-        document = json.loads(content or b"{}")
-    except ValueError:
-        return {}
-    if not isinstance(document, dict):
-        return {}
-    outputs = [o for o in document.get("outputs") or [] if isinstance(o, dict)]
-    by_name = {o.get("name"): o.get("data") for o in outputs}
-    scores = by_name.get("probabilities") if "exit_stage" in by_name else (outputs[0].get("data") if outputs else None)
-    if scores:
-        document["predicted"] = max(range(len(scores)), key=scores.__getitem__)
-    if "exit_stage" in by_name:
-        document["parameters"] = triton_bio_parameters(by_name)
-    refusal = refused_by_triton_bio(document.get("error"))
-    if refusal is not None:
-        document.setdefault("parameters", {})["action"] = refusal
-    return document
 
 
 _users_started = [0]  # closed-loop users started in this process

@@ -236,3 +236,68 @@ def test_real_triton_bio_answers_as_the_gateway_target(triton_server, digits_spe
             __import__("re").findall(r'green_mlops_bio_rows\{model="digits_bio",stage="(\d+)"\} (\S+)', text)}
     assert sum(rows.values()) >= 128 and rows.get(0, 0) == 0
     assert 'green_mlops_bio_path_level{model="digits_bio"} 1' in text
+
+
+def test_locust_reads_a_triton_bio_answer_and_refusal_as_the_gateways():
+    from loadtests.answers import outcome_of, parse_answer as _parse
+
+    answer = json.dumps({"model_name": "digits_bio", "outputs": [
+        {"name": "probabilities", "datatype": "FP32", "shape": [1, 3], "data": [0.1, 0.7, 0.2]},
+        {"name": "exit_stage", "datatype": "INT32", "shape": [1, 1], "data": [2]},
+        {"name": "path_index", "datatype": "INT32", "shape": [1, 1], "data": [17]},
+        {"name": "action", "datatype": "BYTES", "shape": [1, 1], "data": ["exit"]}]}).encode()
+    parsed = _parse(answer)
+    assert parsed["predicted"] == 1
+    assert parsed["parameters"] == {"stage": 2, "action": "exit", "admitted": False, "path_index": 17}
+    assert outcome_of(200, parsed, None) == ("answered", None)
+    full = json.loads(answer)
+    full["outputs"][3]["data"], full["outputs"][2]["data"] = ["full"], [-1]
+    assert _parse(json.dumps(full).encode())["parameters"] == {"stage": 2, "action": "full", "admitted": True,
+                                                                "path_index": None}
+    refused = _parse(json.dumps({"error": "digits_bio: shed by the budget policy: the latency SLO is unmet"}).encode())
+    assert refused["parameters"]["action"] == "shed" and outcome_of(503, refused, None) == ("rejected", None)
+    other = _parse(json.dumps({"error": "digits_stage2: failed"}).encode())
+    assert outcome_of(500, other, None) == ("failed", "HTTP 500: digits_stage2: failed")
+
+
+def test_load_spec_names_the_backend_on_locusts_command_line(tmp_path):
+    from loadtests.runner import LoadSpec, command_for
+
+    command = command_for("bio", tmp_path, LoadSpec(backend="triton"), host="http://127.0.0.1:9")
+    assert command[command.index("--backend") + 1] == "triton" and "--host" in command
+    assert "--backend" not in command_for("bio", tmp_path, LoadSpec())
+
+
+def test_validate_refuses_compare_policies_with_triton(tmp_path):
+    from tests.test_cli_errors import run_cli
+
+    result = run_cli("validate", "--backend", "triton", "--compare-policies", "--results", str(tmp_path))
+    assert result.returncode == 2 and "--compare-policies runs through the gateway only" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_against_triton_runs_bio_inside_triton(local_triton, tmp_path, capsys):
+    """The whole job with --backend triton: one server, standard on digits_full and bio on
+    digits_bio on one schedule, the records carrying where bio's rows left, the server gone after."""
+    from green_mlops.cli import main
+
+    code = main(["validate", "--backend", "triton", "--requests", "200", "--warmup", "20", "--load-s", "10",
+                 "--load-phase-s", "3", "--repeats", "1", "--energy", "off", "--results", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "digits_full for standard, digits_bio for bio" in out
+    load = json.loads((tmp_path / "validate.json").read_text())["load_test"]
+    assert load["comparison"]["n_standard"] > 0 and load["comparison"]["n_bio"] > 0
+    assert load["comparison"]["condition_differences"] == []
+    for scenario, model in (("standard", "digits_full"), ("bio", "digits_bio")):
+        run = json.loads((tmp_path / scenario / "run.json").read_text())
+        assert run["backend"] == "triton" and run["served_model"]["name"] == model
+        assert run["controller_home"] == ("triton (<model>_bio)" if scenario == "bio" else "none")
+    records = [json.loads(line) for line in (tmp_path / "bio" / "requests.jsonl").read_text().splitlines()]
+    answered = [r for r in records if r["outcome"] == "answered"]
+    assert answered and all(1 <= r["stage"] <= 4 for r in answered)
+    assert any(r["stage"] == 1 for r in answered) and any(r["action"] == "exit" for r in answered)
+    assert all(r["path_index"] is not None for r in answered)  # the budget policy's point, from inside Triton
+    assert (tmp_path / "triton.log").exists() and (tmp_path / "triton-repo" / "digits_bio" / "config.pbtxt").exists()
+    for line in (tmp_path / "triton.log").read_text().splitlines():
+        assert "Failed to process" not in line
