@@ -250,9 +250,10 @@ def _start_triton(args, spec, controller, results: Path, console: Console):
         rows = spec.load_validation()[0][:TRITON_WARMUP_REQUESTS]
         client = triton_http.InferenceServerClient(server.url)
         for row in rows:
-            target.full_probabilities(target.check(row[None]))
-            tensor = triton_http.InferInput(spec.input_name, [1, *row.shape], datatype_of(spec.input_dtype))
-            tensor.set_data_from_numpy(target.check(row[None]), binary_data=True)
+            x = target.check(row[None])  # a text row loses its trailing padding, as a client's would
+            target.full_probabilities(x)
+            tensor = triton_http.InferInput(spec.input_name, list(x.shape), datatype_of(spec.input_dtype))
+            tensor.set_data_from_numpy(x, binary_data=True)
             client.infer(f"{spec.name}_bio", [tensor])
     except BaseException:
         server.stop()

@@ -43,13 +43,15 @@ import numpy as np
 from gevent.event import Event
 from gevent.pool import Pool
 from locust import FastHttpUser, LoadTestShape, constant, events, task
+from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtests.answers import outcome_of
 from loadtests.answers import parse_answer as _parse
 from loadtests.records import RUN_FILE, RecordWriter
 from loadtests.runner import CPU_SETS_ENV
-from loadtests.schedule import SCHEDULE_FILE, Schedule, ScheduleError, load_schedule, make_schedule
+from loadtests.schedule import (SCHEDULE_FILE, Schedule, ScheduleError, load_schedule, make_schedule,
+                                schedule_document, schedule_from_document)
 from loadtests.shapes import SHAPES, Shape, ShapeParams, spawn_rate
 from reports.records import phase_summary, read_records
 from targets.live import LABEL_HEADER
@@ -100,6 +102,7 @@ class _Run:
         self.schedule: Schedule | None = None
         self.spawn_rate: float | None = None  # -r as given (None: the shape's own)
         self.outbox: list[dict] = []  # a worker's records not yet shipped to the master
+        self.workers: list[dict] = []  # master, open loop: each worker's share of the schedule, as it said
         self.pending: dict[int, dict] = {}  # records of requests not yet ended, by id
         self.shipper = None
         self.profiler = None
@@ -109,6 +112,8 @@ class _Run:
         self.finishing = False
         self.interrupted = False
         self.finished = Event()
+        self.schedule_ready = Event()  # a worker: the master's schedule arrived
+        self.share_said = False  # a worker: told the master which schedule it replays
 
 
 RUN = _Run()
@@ -189,7 +194,10 @@ def _init(environment, **_):
     if environment.runner is not None:
         _quit_after_graceful_stop(environment.runner)
     if isinstance(environment.runner, WorkerRunner):
-        return  # workers learn the host from the master's spawn message
+        # Workers learn the host from the master's spawn message, and the schedule from the master
+        # itself: never re-drawn here, where options such as -t are not the master's.
+        environment.runner.register_message(SCHEDULE_MESSAGE, _receive_schedule)
+        return
     RUN.spawn_rate = options.spawn_rate  # None unless -r was given (Locust defaults it later)
     try:
         shape = _shape_of(options)  # bad shape parameters fail here, before anything starts
@@ -247,6 +255,7 @@ def _init(environment, **_):
     RUN.writer = RecordWriter(RUN.results_dir)
     if isinstance(environment.runner, MasterRunner):
         environment.runner.register_message(RECORDS_MESSAGE, lambda msg, **kw: RUN.writer.write(msg.data))
+        environment.runner.register_message(WORKER_MESSAGE, lambda msg, **kw: RUN.workers.append(msg.data))
     if options.energy == "auto":
         from profilers.feed import PeriodicEnergyFeed
         from profilers.profiler import Sampler, open_profiler
@@ -316,6 +325,16 @@ def _schedule(options, shape: Shape, n_rows: int) -> Schedule:
         _exit_usage(str(exc))
 
 
+def _receive_schedule(msg, **_) -> None:
+    """A worker: the master's schedule, the one every worker replays its share of."""
+    try:
+        RUN.schedule = schedule_from_document(msg.data)
+    except ScheduleError as exc:
+        print(f"green-mlops: the master's schedule is unreadable: {exc}", file=sys.stderr, flush=True)
+        return
+    RUN.schedule_ready.set()
+
+
 @events.test_start.add_listener
 def _test_start(environment, **_):
     RUN.started_s = time.time()
@@ -324,6 +343,9 @@ def _test_start(environment, **_):
         return
     if RUN.writer is None:
         return
+    if isinstance(environment.runner, MasterRunner) and RUN.schedule is not None:
+        # Sent before Locust's spawn messages (test_start fires first), on the same connection.
+        environment.runner.send_message(SCHEDULE_MESSAGE, schedule_document(RUN.schedule))
     if RUN.energy_feed is not None and not RUN.energy_feed.running:
         RUN.energy_feed.start()
         RUN.sampler.start()
@@ -473,8 +495,21 @@ def _finish(environment) -> None:
     RUN.metadata.update(ended_at=datetime.now(UTC).isoformat(), finished=True, n_records=len(records),
                         cut_off_at_end=cut_off, phases=rows, controller_state_at_end=controller_state,
                         **_energy_totals(records))
+    if isinstance(runner, MasterRunner):
+        RUN.metadata["workers"] = worker_shares(records, RUN.workers)
     _write_metadata()
     _print_summary(rows)
+
+
+def worker_shares(records: list[dict], said: list[dict]) -> list[dict]:
+    """Per worker of a distributed run: its index, the schedule digest it replayed, and what it
+    sent (requests, late ones), from what each worker said and the records it shipped."""
+    shares = {w["source"]: {**w, "sent": 0, "late": 0} for w in said}
+    for r in records:
+        share = shares.setdefault(r.get("source"), {"source": r.get("source"), "sent": 0, "late": 0})
+        share["sent"] += r.get("t_sent") is not None
+        share["late"] += bool(r.get("late"))
+    return sorted(shares.values(), key=lambda w: (w.get("worker_index", 1 << 30), str(w["source"])))
 
 
 def _energy_totals(records: list[dict]) -> dict:
@@ -643,6 +678,24 @@ class ClosedLoopUser(_InferUser):
 
 
 _generators_started = [0]  # open-loop generators started in this process
+WORKER_MESSAGE = "green_mlops_worker"  # a worker's share of the schedule, sent to the master once
+SCHEDULE_MESSAGE = "green_mlops_schedule"  # the master's schedule, sent to every worker at test start
+SCHEDULE_WAIT_S = 30.0
+
+
+def worker_count(options) -> int:
+    """Workers of a distributed run as the master knows them (``--processes`` or
+    ``--expect-workers``; Locust forwards ``expect_workers`` to its workers), 1 otherwise."""
+    return max(getattr(options, "processes", 0) or 0, getattr(options, "expect_workers", 1) or 1, 1)
+
+
+def open_loop_generators(options, workers: int) -> int:
+    """Arrival generators over the whole run: ``--open-loop-users`` rounded up to a multiple of the
+    workers, so that Locust's dispatcher gives every worker the same number and generator
+    ``g = worker + workers × local`` takes arrivals ``g, g + G, g + 2G, …``: together they send
+    every arrival of the schedule exactly once."""
+    users = max(options.open_loop_users, 1)
+    return -(-users // workers) * workers
 
 
 class OpenLoopUser(_InferUser):
@@ -656,14 +709,24 @@ class OpenLoopUser(_InferUser):
         super().on_start()
         options = _options(self.environment)
         runner = self.environment.runner
-        workers = max(getattr(options, "processes", 0) or 0, getattr(options, "expect_workers", 1) or 1, 1) \
-            if isinstance(runner, WorkerRunner) else 1
-        worker = getattr(runner, "worker_index", 0) if isinstance(runner, WorkerRunner) else 0
+        distributed = isinstance(runner, WorkerRunner)
+        workers = worker_count(options) if distributed else 1
+        worker = getattr(runner, "worker_index", 0) if distributed else 0
         local = _generators_started[0]
         _generators_started[0] += 1
-        self.stride = max(options.open_loop_users, 1)
+        self.stride = open_loop_generators(options, workers)
         self.next_index = worker + workers * local
+        if distributed and not RUN.schedule_ready.wait(timeout=SCHEDULE_WAIT_S):
+            print(f"green-mlops: worker {worker}: no schedule from the master within {SCHEDULE_WAIT_S:g} s; "
+                  "this generator sends nothing (the master's report counts the arrivals not sent)",
+                  file=sys.stderr, flush=True)
+            raise StopUser()
         self.schedule = RUN.schedule or _schedule(options, self.shape, len(self.bodies))
+        if distributed and not RUN.share_said:  # once per worker: its share, for the master to check
+            RUN.share_said = True
+            runner.send_message(WORKER_MESSAGE, {"source": self.source, "worker_index": worker, "workers": workers,
+                                                 "generators": self.stride,
+                                                 "schedule_digest": self.schedule.describe()["digest"]})
         RUN.schedule = self.schedule
         self.inflight = Pool(self.concurrency)
         self.zero_s = time.time()
@@ -703,7 +766,8 @@ class CongestionShape(LoadTestShape):
         if t >= shape.end_s:
             return None
         if options.arrival_rate > 0:
-            users = max(options.open_loop_users, 1)
+            workers = worker_count(options) if isinstance(self.runner, MasterRunner) else 1
+            users = open_loop_generators(options, workers)
             return users, spawn_rate(users, RUN.spawn_rate), [OpenLoopUser]
         users = shape.users_at(t)
         return users, spawn_rate(users, RUN.spawn_rate), [ClosedLoopUser]

@@ -61,7 +61,7 @@ class Schedule:
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**asdict(self), "digest": self.digest}, separators=(",", ":")) + "\n")
+        path.write_text(json.dumps(schedule_document(self), separators=(",", ":")) + "\n")
         return path
 
 
@@ -95,9 +95,23 @@ def load_schedule(path: Path, n_rows: int | None = None) -> Schedule:
     """Read a ``schedule.json``; checks its digest and, given ``n_rows``, that its rows exist."""
     try:
         document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ScheduleError(f"cannot read schedule {path}: {exc}") from exc
+    return schedule_from_document(document, n_rows, str(path))
+
+
+def schedule_document(schedule: Schedule) -> dict:
+    """The schedule as JSON-ready data with its digest (what ``schedule.json`` holds)."""
+    return {**asdict(schedule), "digest": schedule.digest}
+
+
+def schedule_from_document(document: dict, n_rows: int | None = None, path: str = "schedule") -> Schedule:
+    """A schedule from :func:`schedule_document`'s data, checked as :func:`load_schedule` checks a file."""
+    try:
+        document = dict(document)
         digest = document.pop("digest", None)
         schedule = Schedule(**document)
-    except (OSError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         raise ScheduleError(f"cannot read schedule {path}: {exc}") from exc
     if digest is not None and digest != schedule.digest:
         raise ScheduleError(f"schedule {path} was altered (digest {schedule.digest}, recorded {digest})")

@@ -614,6 +614,30 @@ def _stability_reason(run: Run, rules: ValidityRules) -> str | None:
     return None
 
 
+def _replay_reasons(run: Run, rules: ValidityRules) -> list[str]:
+    """Open loop: every arrival of the schedule sent at most once; in a distributed run, every
+    worker replayed the run's schedule and none fell behind (its own late share)."""
+    if not run.metadata.get("open_loop"):
+        return []
+    reasons = []
+    seqs = [r.get("seq") for r in run.records if r.get("seq") is not None]
+    repeated = len(seqs) - len(set(seqs))
+    if repeated:
+        reasons.append(f"{run.name}: {repeated} arrival(s) of the schedule sent more than once (the workers' "
+                       f"shares overlap)")
+    digest = (run.metadata.get("schedule") or {}).get("digest")
+    for w in run.metadata.get("workers") or []:
+        name = f"{run.name}: worker {w.get('worker_index', '?')} ({w.get('source')})"
+        if w.get("schedule_digest") is None:
+            reasons.append(f"{name} sent requests but never said which schedule it replayed")
+        elif w["schedule_digest"] != digest:
+            reasons.append(f"{name} replayed schedule {w['schedule_digest'][:12]}, not the run's {str(digest)[:12]}")
+        if w["sent"] and w["late"] / w["sent"] > rules.max_late_fraction:
+            reasons.append(f"{name} fell behind: {w['late']} of its {w['sent']} sends on the wire late "
+                           f"({100 * w['late'] / w['sent']:.1f} % > {100 * rules.max_late_fraction:g} %)")
+    return reasons
+
+
 def validity(runs: list[Run], figures: list[dict], rules: ValidityRules = ValidityRules(),
              comparison: dict | None = None) -> list[str]:
     """Why the report is INVALID (empty: VALID)."""
@@ -643,6 +667,7 @@ def validity(runs: list[Run], figures: list[dict], rules: ValidityRules = Validi
         stability = _stability_reason(run, rules)
         if stability:
             reasons.append(stability)
+        reasons += _replay_reasons(run, rules)
     if comparison is not None:
         for difference in comparison["condition_differences"]:
             reasons.append(f"standard and bio ran under different conditions: {difference}")

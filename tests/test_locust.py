@@ -326,3 +326,48 @@ def test_a_broken_model_is_one_message_and_exit_2_at_once(spawn, tmp_path):
     assert process.returncode == 2 and "cannot load model" in stderr
     assert "Traceback" not in stderr and stderr.count("green-mlops:") == 1
     assert took_s < 25  # at once, not after -t
+
+
+def _distributed(spawn, locustfile: str, host: str, common: list[str], results: Path, cwd: Path) -> None:
+    """A master and two worker processes on loopback (``--master`` / ``--worker``), run to the end."""
+    port = free_port()
+    master = spawn("-f", locustfile, "--master", "--expect-workers", "2", "--master-bind-host", "127.0.0.1",
+                   "--master-bind-port", str(port), "--host", host, *common, "--results", str(results), cwd=cwd)
+    workers = [spawn("-f", locustfile, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port),
+                     "--energy", "off", cwd=cwd) for _ in range(2)]
+    _, stderr = master.communicate(timeout=120)
+    assert master.returncode == 0, stderr[-3000:]
+    for worker in workers:
+        worker.communicate(timeout=30)
+
+
+def test_master_and_two_workers_replay_the_single_process_schedule(spawn, locust, tmp_path):
+    """One seeded schedule, partitioned over two worker processes: the same digest, the same
+    arrivals (index and row), the same count as one process; each worker's share is recorded
+    and the merged report over standard and bio is VALID."""
+    from reports.build import build_report
+
+    common = ["--headless", "--shape", "steady", "--arrival-rate", "60", "--seed", "3", "-t", "12",
+              "--open-loop-users", "2", "--energy", "off"]
+    bio, off = GatewayProcess("--controller", "bio"), GatewayProcess("--controller", "off")
+    try:
+        single = tmp_path / "single"
+        locust("-f", BIO, "--host", bio.url, *common, "--results", str(single), cwd=tmp_path)
+        merged = tmp_path / "merged"
+        _distributed(spawn, BIO, bio.url, common, merged / "bio", tmp_path)
+        _distributed(spawn, STANDARD, off.url, common, merged / "standard", tmp_path)
+    finally:
+        bio.stop()
+        off.stop()
+    one, two = (json.loads((d / "run.json").read_text()) for d in (single, merged / "bio"))
+    assert one["schedule"]["digest"] == two["schedule"]["digest"]
+    arrivals = {d: sorted((r["seq"], r["row"]) for r in recorded(d)) for d in (single, merged / "bio")}
+    assert arrivals[single] == arrivals[merged / "bio"]
+    assert len(arrivals[single]) == one["schedule"]["n_scheduled"]  # every arrival once, none twice
+    workers = two["workers"]
+    assert sorted(w["worker_index"] for w in workers) == [0, 1]
+    assert {w["schedule_digest"] for w in workers} == {one["schedule"]["digest"]}
+    assert len({w["source"] for w in workers}) == 2 and all(w["sent"] > 0 for w in workers)
+    assert sum(w["sent"] for w in workers) == sum(r["t_sent"] is not None for r in recorded(merged / "bio"))
+    report = build_report(merged, merged)
+    assert report["valid"], report["invalid_reasons"]

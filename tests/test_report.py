@@ -267,3 +267,28 @@ def test_an_ablation_recorded_before_the_bounds_is_reported_as_it_was_recorded()
     (line,) = _ablation_lines({"ablation": legacy})
     assert "recorded before one-sided bounds" in line and "two-sided 95 % CI 48.0 … 52.0" in line
     assert [c["status"] for c in ablation_claims(legacy)] == ["held", "not_held"]
+
+
+def test_distributed_replay_rules_catch_overlap_another_schedule_and_a_late_worker():
+    """Planted: an arrival sent twice, a worker that replayed another schedule, one that never
+    said, and one late on 2 % of its sends while the run as a whole is late on under 1 %."""
+    from reports.runs import Run
+    from reports.verdict import ValidityRules, _replay_reasons
+
+    records = [{"seq": i, "late": False} for i in range(400)] + [{"seq": 7, "late": False}]
+    workers = [
+        {"source": "a", "worker_index": 0, "schedule_digest": "abc", "sent": 100, "late": 2},
+        {"source": "b", "worker_index": 1, "schedule_digest": "abd", "sent": 200, "late": 0},
+        {"source": "c", "sent": 101, "late": 0},
+    ]
+    run = Run("bio", Path("."), {"open_loop": True, "schedule": {"digest": "abc"}, "workers": workers}, records)
+    reasons = _replay_reasons(run, ValidityRules())
+    assert any("1 arrival(s) of the schedule sent more than once" in r for r in reasons)
+    assert any("worker 0 (a) fell behind: 2 of its 100 sends on the wire late (2.0 % > 1 %)" in r for r in reasons)
+    assert any("worker 1 (b) replayed schedule abd, not the run's abc" in r for r in reasons)
+    assert any("worker ? (c) sent requests but never said which schedule" in r for r in reasons)
+    assert len(reasons) == 4
+    fine = Run("bio", Path("."), {"open_loop": True, "schedule": {"digest": "abc"}, "workers": workers[:1]},
+               records[:400])
+    assert _replay_reasons(fine, ValidityRules(max_late_fraction=0.05)) == []
+    assert _replay_reasons(Run("bio", Path("."), {"open_loop": False}, records), ValidityRules()) == []
