@@ -42,7 +42,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import betaln
 
 from targets.binomial_bounds import clopper_pearson_upper
 from targets.controller_config import ControllerConfig
@@ -121,6 +120,8 @@ def rate_confidence_sequence(successes: int, n: int, delta: float, a: float = 0.
     once; (0, 1) before any sample."""
     if n <= 0:
         return 0.0, 1.0
+    from scipy.special import betaln  # here, not at import: see targets.binomial_bounds
+
     threshold = math.log(1.0 / delta)
     log_mixture = betaln(a + successes, b + n - successes) - betaln(a, b)
 

@@ -133,8 +133,10 @@ class BioModel:
         self.refused_requests = 0
 
     def answer(self, batches: list[np.ndarray]) -> list[list[Outcome]]:
-        """Outcomes per request; requests whose rows share a shape and dtype share the stage runs."""
+        """Outcomes per request; requests whose rows share a shape and dtype (a text request's after
+        its padding is trimmed) share the stage runs."""
         results: list[list[Outcome] | None] = [None] * len(batches)
+        batches = [self.backend.check(b) for b in batches]  # text: trimmed first, as the gateway groups them
         groups: dict[tuple, list[int]] = {}
         for k, batch in enumerate(batches):
             groups.setdefault((batch.shape[1:], batch.dtype.str), []).append(k)

@@ -30,7 +30,7 @@ from targets.cpus import pin_to
 from targets.errors import BackendError
 
 DEFAULT_VENV = Path.home() / ".cache" / "green-mlops" / "triton-venv"
-PYTRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime", "scipy")  # scipy: the bio model's control code
+PYTRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime")
 
 
 def triton_venv() -> Path:

@@ -243,3 +243,31 @@ def test_models_build_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["models", "build", "reviews", "--epochs", "0"])
     assert exc.value.code != 0 and "epochs" in capsys.readouterr().err
+
+
+def test_bio_inside_triton_answers_text_requests_of_different_lengths_as_the_gateway(small_reviews):
+    """One dynamic batch of padded text rows whose lengths differ: each request trimmed, grouped
+    by its trimmed shape, and answered as the gateway's target answers it alone."""
+    from targets.calibration import calibrator
+    from targets.controlled import ControlledTarget
+    from targets.controller_config import build_config
+    from targets.make_controller import make_controller
+    from targets.ort_target import OnnxRuntimeTarget
+    from targets.registry import resolve_model
+    from tests.test_triton_bio import bio_model
+
+    spec = resolve_model(str(small_reviews[0]))
+    backend = OnnxRuntimeTarget(spec, device="cpu")
+    config = build_config(spec.controller_hints, None, {"policy": "paper", "k_per_s": 1e6},
+                          calibration=calibrator(spec, backend))
+    x = spec.load_eval()[0][:24]
+    lengths = (x != 0).sum(1)
+    assert len(set(lengths.tolist())) > 3  # the rows differ in length, all padded to the same width
+    bio = bio_model(spec, make_controller(config, spec, backend))
+    reference = ControlledTarget(backend, make_controller(config, spec, backend))
+    answered = bio.answer([x[i : i + 1] for i in range(len(x))])
+    expected = [reference.predict(x[i : i + 1])[0] for i in range(len(x))]
+    assert [bio.left_after(a[0]) for a in answered] == [e.stage for e in expected]
+    np.testing.assert_allclose(np.stack([a[0].probabilities for a in answered]),
+                               np.stack([e.probabilities for e in expected]), atol=1e-5)
+    assert bio.runs == len({int(n) for n in lengths})  # one ladder run per trimmed width

@@ -176,9 +176,10 @@ def test_control_modules_are_closed_under_their_imports_and_leave_out_the_gatewa
                 assert not any(n.split(".")[0] in ("fastapi", "starlette", "uvicorn") for n in names), module
 
 
-def test_the_triton_venv_imports_the_bio_model_without_fastapi(local_triton, triton_repo):
+def test_the_triton_venv_imports_the_bio_model_without_fastapi_or_scipy(local_triton, triton_repo):
+    """What a stock Triton's Python backend has (numpy) is enough: no web stack, no scipy."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import targets.triton_bio, targets.controller_bundle; "
-            "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'targets.gateway') if m in sys.modules]; "
+            "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'targets.gateway', 'scipy') if m in sys.modules]; "
             "print('loaded', bad)")
     out = subprocess.run([str(local_triton.python), "-c", code, str(triton_repo / "digits_bio" / "1" / "control")],
                          capture_output=True, text=True, timeout=120)
