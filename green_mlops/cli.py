@@ -379,12 +379,12 @@ def _run_serve(args) -> int:
             getattr(self, "_captured_signals", []).clear()
 
     from green_mlops.models import resolve_model
-    from targets.gateway import GatewaySettings, create_app
-    from targets.budget_policy import DEFAULT_SERVE_SPEND
-    from targets.calibration import check_ladder
-    from targets.controller_config import read_toml
+    from targets.serving.gateway import GatewaySettings, create_app
+    from targets.control.budget_policy import DEFAULT_SERVE_SPEND
+    from targets.control.calibration import check_ladder
+    from targets.control.controller_config import read_toml
     from targets.cpus import cpu_list, serving_threads
-    from targets.ort_target import OnnxRuntimeTarget
+    from targets.backends.ort_target import OnnxRuntimeTarget
 
     from profilers.feed import PeriodicEnergyFeed
 
@@ -399,7 +399,7 @@ def _run_serve(args) -> int:
         args.spend = DEFAULT_SERVE_SPEND
     controller = make_default_controller(args, spec, backend)  # budget unless told (or unable): as validate
     if args.backend == "triton":
-        from targets.triton_target import FallbackBackend, TritonTarget
+        from targets.backends.triton_target import FallbackBackend, TritonTarget
 
         triton = TritonTarget(spec, args.triton_url, args.triton_metrics_url, timeout_s=args.triton_timeout_s,
                               concurrency=args.max_concurrency)
@@ -428,8 +428,8 @@ def _run_serve(args) -> int:
         sock.close()
         raise GreenMLOpsError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     host, port = sock.getsockname()[:2]
-    try:  # headers and body in one write (see targets.http_protocol); uvicorn's choice without httptools
-        from targets.http_protocol import GatheringHttpToolsProtocol as http_protocol
+    try:  # headers and body in one write (see targets.serving.http_protocol); uvicorn's choice without httptools
+        from targets.serving.http_protocol import GatheringHttpToolsProtocol as http_protocol
     except ImportError:
         http_protocol = "auto"
     config = uvicorn.Config(app, log_level="warning", access_log=False, http=http_protocol,
@@ -498,11 +498,11 @@ def _poll_triton_congestion(triton, controller, interval_s: float = 0.5) -> None
 def _bio_bundle(args, spec) -> dict:
     """The controller ``serve`` would run for these flags (budget policy unless told, resting
     mid-path: ``--spend adaptive``), certified in-process on the validation split, as data."""
-    from targets.budget_policy import DEFAULT_SERVE_SPEND
-    from targets.calibration import check_ladder
-    from targets.controller_bundle import controller_bundle
-    from targets.controller_config import read_toml
-    from targets.ort_target import OnnxRuntimeTarget
+    from targets.control.budget_policy import DEFAULT_SERVE_SPEND
+    from targets.control.calibration import check_ladder
+    from targets.control.controller_bundle import controller_bundle
+    from targets.control.controller_config import read_toml
+    from targets.backends.ort_target import OnnxRuntimeTarget
 
     backend = OnnxRuntimeTarget(spec)
     check_ladder(spec, backend)
@@ -520,8 +520,8 @@ def _bio_bundle(args, spec) -> dict:
 
 def _run_triton(args) -> int:
     from green_mlops.models import resolve_model
-    from targets.triton_repo import RepoOptions, write_repository
-    from targets.triton_server import TritonServer, install_venv
+    from targets.serving.triton_repo import RepoOptions, write_repository
+    from targets.backends.triton_server import TritonServer, install_venv
 
     if args.triton_command == "install":
         venv = install_venv(args.venv, log=lambda line: stderr.print(line, soft_wrap=True))

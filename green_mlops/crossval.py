@@ -4,7 +4,7 @@ Loads the model, pools its validation and held-out rows, runs every stage graph 
 once (no retraining), takes the stage costs (model.json → ``build.stage_cost_ms`` and
 ``build.full_cost_ms`` when recorded, else measured here: the median batch-1 time of each stage
 and of ``full.onnx`` with ONNX Runtime CPU; ``--costs unit`` counts every stage as 1), then hands
-everything to :mod:`targets.crossval` and prints one table (rich, markup off); ``--json PATH``
+everything to :mod:`targets.control.crossval` and prints one table (rich, markup off); ``--json PATH``
 writes the figures. Bad input is one line and exit 2 (through the CLI's error handling).
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from rich.table import Table
 
 from green_mlops.models import resolve_model
 from green_mlops.run_setup import EXIT_OK, stderr, stdout
-from targets.calibration import ladder_outputs
-from targets.crossval import DEFAULT_REPEATS, Pool, crossval, splits, standard_rules
+from targets.control.calibration import ladder_outputs
+from targets.control.crossval import DEFAULT_REPEATS, Pool, crossval, splits, standard_rules
 from targets.errors import ConfigError, GreenMLOpsError
-from targets.ort_target import OnnxRuntimeTarget
+from targets.backends.ort_target import OnnxRuntimeTarget
 
 
 def pool_inputs(a: np.ndarray, b: np.ndarray, pad_id: int = 0) -> np.ndarray:

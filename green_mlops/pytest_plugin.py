@@ -14,7 +14,7 @@ only). The file: ``--green-ratios PATH``, else the ini option ``green_ratios``, 
 :data:`DEFAULT_RULES`.
 
 **Fixtures** (need ``--green-model DIR``, an embedded model name or a model directory; skipped
-with that reason otherwise): ``green_model`` (its :class:`targets.model_dir.ModelSpec`),
+with that reason otherwise): ``green_model`` (its :class:`targets.model.model_dir.ModelSpec`),
 ``green_standard`` and ``green_bio`` (in-process targets: every row the full model, and the
 budget policy's controller at its steady state, or the paper's where the budget cannot be
 certified), ``green_rows`` (held-out rows one at a time, cycling: ``green_rows.next()``),
@@ -166,21 +166,21 @@ def green_model(pytestconfig):
     model = pytestconfig.getoption("--green-model")
     if not model:
         pytest.skip("the green_* fixtures need a model: pytest --green-model DIR")
-    from targets.registry import resolve_model
+    from targets.model.registry import resolve_model
 
     return resolve_model(model)
 
 
 @pytest.fixture(scope="session")
 def green_backend(green_model):
-    from targets.ort_target import OnnxRuntimeTarget
+    from targets.backends.ort_target import OnnxRuntimeTarget
 
     return OnnxRuntimeTarget(green_model, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def green_standard(green_backend):
-    from targets.controlled import ControlledTarget
+    from targets.control.controlled import ControlledTarget
 
     return ControlledTarget(green_backend, None)
 
@@ -189,11 +189,11 @@ def green_standard(green_backend):
 def green_bio(green_model, green_backend):
     """The budget policy at its steady state (τ = τ∞ from the start, no congestion or energy
     term), or the paper's policy where the model's validation split cannot certify the budget."""
-    from targets.calibration import calibrator
-    from targets.controlled import ControlledTarget
-    from targets.controller_config import build_config
+    from targets.control.calibration import calibrator
+    from targets.control.controlled import ControlledTarget
+    from targets.control.controller_config import build_config
     from targets.errors import ConfigError
-    from targets.make_controller import make_controller
+    from targets.control.make_controller import make_controller
 
     steady = {"k_per_s": 1e6, "gamma": 0.0, "beta": 0.0}
     try:

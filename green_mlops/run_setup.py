@@ -55,9 +55,9 @@ CONTROLLER_FLAGS = ("alpha", "beta", "gamma", "tau0", "tau_inf", "k_per_s", "unc
 
 def controller_config(args, spec, backend=None):
     """The controller's config: its thresholds calibrated per exit and per uncertainty measure on
-    the model's validation split unless model.json or the user gives them (targets.calibration)."""
-    from targets.calibration import calibrator
-    from targets.controller_config import build_config
+    the model's validation split unless model.json or the user gives them (targets.control.calibration)."""
+    from targets.control.calibration import calibrator
+    from targets.control.controller_config import build_config
 
     overrides = {name: getattr(args, name) for name in CONTROLLER_FLAGS}
     return build_config(spec.controller_hints, args.config, overrides, calibration=calibrator(spec, backend))
@@ -66,7 +66,7 @@ def controller_config(args, spec, backend=None):
 def tau_inf_is_explicit(args) -> bool:
     """Whether the user set τ∞ (flag or the TOML file, at every exit or per exit), rather than the
     model's calibration."""
-    from targets.controller_config import read_toml
+    from targets.control.controller_config import read_toml
 
     return args.tau_inf is not None or (args.config is not None
                                         and bool({"tau_inf", "exit_tau_inf"} & set(read_toml(args.config))))
@@ -85,10 +85,10 @@ def make_default_controller(args, spec, backend):
     rows the budget needs and what the fallback's thresholds will do."""
     from dataclasses import replace
 
-    from targets.certify import rows_needed
-    from targets.controller_config import read_toml
+    from targets.control.certify import rows_needed
+    from targets.control.controller_config import read_toml
     from targets.errors import ConfigError
-    from targets.make_controller import make_controller
+    from targets.control.make_controller import make_controller
 
     if getattr(args, "controller", "bio") == "off":
         return None

@@ -39,9 +39,9 @@ from reports.bounds import STATUS_WORDS
 from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
 from reports.runs import ABLATION_FILE
-from targets.calibration import check_ladder, rule_line, rule_record
+from targets.control.calibration import check_ladder, rule_line, rule_record
 from targets.errors import GreenMLOpsError
-from targets.ort_target import OnnxRuntimeTarget
+from targets.backends.ort_target import OnnxRuntimeTarget
 
 
 def _toml(config: dict) -> str:
@@ -198,7 +198,7 @@ def _print_dashboard_url(console: Console):
 
 def _calibration(spec, config, args, backend):
     """The per-exit calibration the controller uses, unless the user set τ∞ explicitly."""
-    from targets.calibration import calibration_for
+    from targets.control.calibration import calibration_for
     if tau_inf_is_explicit(args) or config.policy == "budget":
         return None  # τ∞ from the user, or from the budget's certificate (validate.json → budget)
     return calibration_for(spec, config.uncertainty, backend)
@@ -227,11 +227,11 @@ def _start_triton(args, spec, controller, results: Path, console: Console):
     """``--backend triton``: a repository with ``<model>_full``, the stages and ``<model>_bio``
     carrying this controller (the thresholds certified above), a server on loopback for the whole
     load stage (its log in ``results/triton.log``), and both models warmed up. The caller stops it."""
-    from targets.controller_bundle import controller_bundle
-    from targets.kserve import datatype_of
-    from targets.triton_repo import RepoOptions, write_repository
-    from targets.triton_server import TritonServer
-    from targets.triton_target import TritonTarget
+    from targets.control.controller_bundle import controller_bundle
+    from targets.backends.kserve import datatype_of
+    from targets.serving.triton_repo import RepoOptions, write_repository
+    from targets.backends.triton_server import TritonServer
+    from targets.backends.triton_target import TritonTarget
 
     from targets.cpus import cpu_list, split_for_load_test
 

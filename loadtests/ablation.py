@@ -19,10 +19,10 @@ from typing import Callable
 import numpy as np
 
 from profilers.profiler import Profiler, WindowResult, feed_controller
-from targets.calibration import ladder_outputs
-from targets.controlled import ControlledTarget, EarlyExitBackend
-from targets.controller import BioController, uncertainty
-from targets.controller_config import ControllerConfig
+from targets.control.calibration import ladder_outputs
+from targets.control.controlled import ControlledTarget, EarlyExitBackend
+from targets.control.controller import BioController, uncertainty
+from targets.control.controller_config import ControllerConfig
 
 BLOCK_REQUESTS = 64
 SETTLE_FRACTION = 0.01  # τ counts as settled within 1 % of (τ0 − τ∞) of τ∞

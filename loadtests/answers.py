@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from targets.triton_bio import refused_by_triton_bio, triton_bio_parameters
+from targets.serving.triton_bio import refused_by_triton_bio, triton_bio_parameters
 
 
 def outcome_of(status: int, answer: dict, error) -> tuple[str, str | None]:

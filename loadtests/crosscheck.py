@@ -55,7 +55,7 @@ def run_locust(url: str, model: str, scenario: str, users: int, seconds: int, cp
 
 
 def crosscheck(model: str, scenario: str, users: int, seconds: int) -> dict:
-    from targets.registry import resolve_model
+    from targets.model.registry import resolve_model
 
     spec = resolve_model(model)
     split = split_for_load_test()

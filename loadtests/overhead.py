@@ -41,17 +41,17 @@ from loadtests.gateway_process import GatewayProcess
 CATEGORIES: tuple[tuple[str, str], ...] = (
     ("inference (ONNX Runtime)", "onnxruntime"),
     ("metrics (Prometheus)", "prometheus_client"),
-    ("records (live dashboard)", "targets/live.py"),
-    ("records (live dashboard)", "targets/dashboard.py"),
-    ("controller", "targets/controller.py"),
+    ("records (live dashboard)", "targets/serving/live.py"),
+    ("records (live dashboard)", "targets/serving/dashboard.py"),
+    ("controller", "targets/control/controller.py"),
     ("encode (answer JSON)", "encode_infer_response"),
     ("encode (answer JSON)", "_decision_parameters"),
     ("encode (answer JSON)", "_row_parameters"),
-    ("parse + validate (request)", "targets/kserve.py"),
+    ("parse + validate (request)", "targets/backends/kserve.py"),
     ("parse + validate (request)", "check_batch"),
-    ("parse + validate (request)", "targets/tokenizer.py"),
-    ("model path (other)", "targets/controlled.py"),
-    ("model path (other)", "targets/ort_target.py"),
+    ("parse + validate (request)", "targets/model/tokenizer.py"),
+    ("model path (other)", "targets/control/controlled.py"),
+    ("model path (other)", "targets/backends/ort_target.py"),
     ("queue hop (thread pool)", "concurrent/futures"),
     ("queue hop (thread pool)", "threading.py"),
     ("queue hop (thread pool)", "wrap_future"),
@@ -59,7 +59,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("queue hop (thread pool)", "_chain_future"),
     ("queue hop (thread pool)", "_copy_future_state"),
     ("queue hop (thread pool)", "_set_state"),
-    ("gateway handler", "targets/gateway.py"),
+    ("gateway handler", "targets/serving/gateway.py"),
     ("HTTP (uvicorn, httptools)", "uvicorn/"),
     ("HTTP (uvicorn, httptools)", "httptools"),
     ("framework (FastAPI, Starlette)", "starlette/"),
@@ -127,7 +127,7 @@ def _client(host_port: str, path: str, bodies: list[bytes], stop: threading.Even
 
 def profile(model: str, seconds: float, concurrency: int, rate_hz: int, serve_args: list[str],
             raw_path: Path | None) -> dict:
-    from targets.registry import resolve_model
+    from targets.model.registry import resolve_model
 
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():

@@ -19,8 +19,8 @@ BATCH_ROWS = 256
 
 def reference_answers(spec) -> dict:
     """Per evaluation row of ``spec`` (a resolved model): label, full and exit answers, exit u."""
-    from targets.controller import uncertainty
-    from targets.ort_target import OnnxRuntimeTarget
+    from targets.control.controller import uncertainty
+    from targets.backends.ort_target import OnnxRuntimeTarget
 
     backend = OnnxRuntimeTarget(spec, device="cpu")
     x, y = spec.load_eval()

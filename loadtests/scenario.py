@@ -54,7 +54,7 @@ from loadtests.schedule import (SCHEDULE_FILE, Schedule, ScheduleError, load_sch
                                 schedule_document, schedule_from_document)
 from loadtests.shapes import SHAPES, Shape, ShapeParams, spawn_rate
 from reports.records import phase_summary, read_records
-from targets.live import LABEL_HEADER
+from targets.serving.live import LABEL_HEADER
 
 RECORDS_MESSAGE = "green_mlops_records"
 SHIP_EVERY_S = 0.2
@@ -301,7 +301,7 @@ def _interrupt() -> None:
 
 def _resolve(model: str):
     from targets.errors import GreenMLOpsError
-    from targets.registry import resolve_model
+    from targets.model.registry import resolve_model
 
     try:
         return resolve_model(model)
@@ -561,7 +561,7 @@ def _served_name(options) -> str:
 def _load_data(options):
     """JSON bodies for every evaluation row (encoded once) and their labels."""
     if RUN.data is None:
-        from targets.kserve import datatype_of
+        from targets.backends.kserve import datatype_of
 
         spec = _resolve(options.model)
         x, y = _load_eval(spec)

@@ -31,7 +31,7 @@ import math
 import numpy as np
 from scipy import stats as scipy_stats
 
-from targets.binomial_bounds import clopper_pearson_lower, clopper_pearson_upper
+from targets.control.binomial_bounds import clopper_pearson_lower, clopper_pearson_upper
 
 ALPHA = 0.05  # one-sided: each bound holds with probability >= 95 %
 BOOTSTRAP_RESAMPLES = 2000

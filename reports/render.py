@@ -15,7 +15,7 @@ from reports.console import wide_console
 from reports import plots, slo_plot
 from reports.runs import Run
 from reports.verdict import HELD, NOT_HELD
-from targets.calibration import rule_line
+from targets.control.calibration import rule_line
 
 PLOT_TITLES = {
     "latency_cdf": "Latency CDF, standard vs bio",

@@ -361,7 +361,7 @@ def policy_comparisons(runs: list[Run]) -> list[dict]:
             "slo_unreachable_periods": slo.get("unreachable"), "slo_violated_periods": slo.get("violations"),
             "service_p95_ms": slo.get("service_p95_ms"),
             "condition_differences": c["condition_differences"],
-            # The live audit (targets.audit): whether the certificate still applied, and from when not.
+            # The live audit (targets.control.audit): whether the certificate still applied, and from when not.
             "audited": audit.get("audited"), "audit_disagreement": audit.get("disagreement"),
             "audit_reference": audit.get("reference"),
             "certificate_state": budget.get("certificate_state"),

@@ -7,7 +7,7 @@ import pytest
 
 from green_mlops.models import resolve_model
 from loadtests.gateway_process import GatewayProcess
-from targets.ort_target import OnnxRuntimeTarget
+from targets.backends.ort_target import OnnxRuntimeTarget
 
 
 def pytest_configure(config):
@@ -88,9 +88,9 @@ def gateway_off():
 def settled_budget_controller(spec, backend, **overrides):
     """The budget policy certified on ``spec``'s validation split, resting at its ceiling, with τ(t)
     decayed at once (k = 10⁶/s): every decision at the ceiling thresholds, from the first request."""
-    from targets.calibration import calibrator
-    from targets.controller_config import build_config
-    from targets.make_controller import make_controller
+    from targets.control.calibration import calibrator
+    from targets.control.controller_config import build_config
+    from targets.control.make_controller import make_controller
 
     flags = {"policy": "budget", "spend": "ceiling", "k_per_s": 1e6, **overrides}
     config = build_config(spec.controller_hints, None, flags, calibration=calibrator(spec, backend))
@@ -100,8 +100,8 @@ def settled_budget_controller(spec, backend, **overrides):
 @pytest.fixture(scope="session")
 def triton_repo(tmp_path_factory, digits_spec, digits_backend):
     """The python-flavour repository of digits, with ``digits_bio`` (a settled budget controller)."""
-    from targets.controller_bundle import controller_bundle
-    from targets.triton_repo import RepoOptions, write_repository
+    from targets.control.controller_bundle import controller_bundle
+    from targets.serving.triton_repo import RepoOptions, write_repository
 
     repo = tmp_path_factory.mktemp("triton-repo")
     bundle = controller_bundle(settled_budget_controller(digits_spec, digits_backend))
@@ -113,7 +113,7 @@ def triton_repo(tmp_path_factory, digits_spec, digits_backend):
 def local_triton():
     """Skip, with the reason, where no tritonserver is installed (`green-mlops triton install`)."""
     from targets.errors import BackendError
-    from targets.triton_server import find_server
+    from targets.backends.triton_server import find_server
 
     try:
         return find_server()
@@ -137,7 +137,7 @@ def triton_server(request):
     if os.environ.get("GREEN_MLOPS_TRITON_URL"):
         yield ExternalTriton(os.environ["GREEN_MLOPS_TRITON_URL"], os.environ.get("GREEN_MLOPS_TRITON_METRICS_URL"))
         return
-    from targets.triton_server import TritonServer
+    from targets.backends.triton_server import TritonServer
 
     request.getfixturevalue("local_triton")
     server = TritonServer(request.getfixturevalue("triton_repo"))

@@ -1,4 +1,4 @@
-"""The live audit (targets.audit): its sequential test and confidence sequence are valid (planted
+"""The live audit (targets.control.audit): its sequential test and confidence sequence are valid (planted
 Bernoulli streams), it notices a planted drift in-process and through a real gateway and Locust,
 the controller then falls back to the full model, and nothing alarms without drift."""
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 from scipy.special import betaln
 
 from reports.records import read_records
-from targets.audit import (AuditJob, Auditor, SequentialTest, make_auditor, point_references,
+from targets.control.audit import (AuditJob, Auditor, SequentialTest, make_auditor, point_references,
                            rate_confidence_sequence)
-from targets.controlled import ControlledTarget
-from targets.controller_config import build_config
+from targets.control.controlled import ControlledTarget
+from targets.control.controller_config import build_config
 from targets.errors import ConfigError
-from targets.make_controller import make_controller
+from targets.control.make_controller import make_controller
 from tests.processes import run_headless_locust
 
 

@@ -10,7 +10,7 @@ import pytest
 from green_mlops.validate import replicate_plan
 from reports.bounds import (ALPHA, INCONCLUSIVE, accuracy_loss_bounds, decide_at_least, decide_at_most,
                             exact_loss_bounds, ratio_reduction_bounds, replicate_bounds, rows_to_decide_loss)
-from targets.binomial_bounds import clopper_pearson_upper
+from targets.control.binomial_bounds import clopper_pearson_upper
 from reports.verdict import build_summary, replicate_pairs
 from tests.test_verdict_load import RULES, records, run
 

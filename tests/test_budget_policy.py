@@ -13,12 +13,12 @@ import httpx
 import numpy as np
 import pytest
 
-from targets.budget_policy import BudgetPolicy
-from targets.certified_path import calibrate_path
-from targets.controller import BioController
-from targets.controller_config import ControllerConfig, build_config
+from targets.control.budget_policy import BudgetPolicy
+from targets.control.certified_path import calibrate_path
+from targets.control.controller import BioController
+from targets.control.controller_config import ControllerConfig, build_config
 from targets.errors import ConfigError
-from targets.make_controller import make_controller
+from targets.control.make_controller import make_controller
 from tests.test_gateway import infer_body
 
 

@@ -1,10 +1,10 @@
-"""The per-exit calibration rule (targets/calibration.py): planted truths and its contract on
+"""The per-exit calibration rule (targets/control/calibration.py): planted truths and its contract on
 random ladders (the constraint holds, the cost never rises, no single exit's cut can do better)."""
 import numpy as np
 import pytest
 
-from targets.calibration import LadderOutputs, _ladder_outcome, calibrate_exits, no_change_cuts
-from targets.controller import uncertainty
+from targets.control.calibration import LadderOutputs, _ladder_outcome, calibrate_exits, no_change_cuts
+from targets.control.controller import uncertainty
 
 
 def _rows(p_first: np.ndarray, answers: np.ndarray) -> np.ndarray:
@@ -110,9 +110,9 @@ def test_rule_record_names_the_rule_version_and_split(tmp_path):
     thresholds stored in model.json, or an explicit τ∞; with the split seed and held-out digest."""
     from types import SimpleNamespace
 
-    from targets.calibration import RULE_NAME, RULE_VERSION, rule_line, rule_record
-    from targets.certified_path import PATH_NAME as CERTIFICATE_NAME, PATH_VERSION as CERTIFICATE_VERSION
-    from targets.model_dir import load_model_dir
+    from targets.control.calibration import RULE_NAME, RULE_VERSION, rule_line, rule_record
+    from targets.control.certified_path import PATH_NAME as CERTIFICATE_NAME, PATH_VERSION as CERTIFICATE_VERSION
+    from targets.model.model_dir import load_model_dir
     from tests.model_factory import edit_json, make_model_dir
 
     directory = make_model_dir(tmp_path / "m", ladder=True, widths=(3, 3))

@@ -1,4 +1,4 @@
-"""The certified path (targets.certified_path) on ladders whose true risk is known exactly.
+"""The certified path (targets.control.certified_path) on ladders whose true risk is known exactly.
 
 A synthetic ladder here is a finite table of cells (the uncertainty at each exit on a coarse grid,
 whether each exit and the full model answer rightly) with known probabilities, so the true risk of
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from targets.certified_path import (PathCalibration, calibrate_path, greedy_path, resolve_kind,
+from targets.control.certified_path import (PathCalibration, calibrate_path, greedy_path, resolve_kind,
                                     row_outcomes, trinomial_p_value)
 from targets.errors import ConfigError
 
@@ -128,7 +128,7 @@ def test_the_net_p_value_is_valid_on_the_null_boundary(harm, fix):
 
 def test_the_net_p_value_nets_fixes_against_harms():
     """2 % harmed and 2.2 % fixed on 3,000 rows: the harm risk cannot certify 0.5 pp, the net one can."""
-    from targets.certify import binomial_p_value
+    from targets.control.certify import binomial_p_value
 
     assert binomial_p_value(60, 3000, 0.005) > 0.1
     assert trinomial_p_value(60, 66, 3000, 0.005) <= 0.1

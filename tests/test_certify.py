@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from targets.certified_path import calibrate_path, ladder_depths, row_outcomes
-from targets.certify import THRESHOLD_GRID, binomial_cdf, smallest_certifiable_budget
+from targets.control.certified_path import calibrate_path, ladder_depths, row_outcomes
+from targets.control.certify import THRESHOLD_GRID, binomial_cdf, smallest_certifiable_budget
 from targets.errors import ConfigError
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from targets.controller_config import ControllerConfig, build_config
+from targets.control.controller_config import ControllerConfig, build_config
 from targets.errors import ConfigError
 
 
@@ -85,7 +85,7 @@ def test_calibrate_exits_recovers_a_planted_safe_threshold():
     the rows that reach it."""
     import numpy as np
 
-    from targets.calibration import LadderOutputs, calibrate_exits
+    from targets.control.calibration import LadderOutputs, calibrate_exits
 
     labels = np.zeros(10, dtype=np.int64)
     confident = np.linspace(0.99, 0.6, 10)  # p(class 0): falling, so entropy rises with the row index
@@ -93,7 +93,7 @@ def test_calibrate_exits_recovers_a_planted_safe_threshold():
     exit1[6:] = exit1[6:, ::-1]  # rows 6..9 answer class 1: wrong
     exit2 = np.tile([[0.7, 0.3]], (10, 1))  # right everywhere it is asked
     final = np.tile([[0.9, 0.1]], (10, 1))
-    from targets.controller import uncertainty
+    from targets.control.controller import uncertainty
 
     u1 = uncertainty(exit1, "entropy")
     u_star = calibrate_exits(LadderOutputs((exit1, exit2), final), labels, "entropy")
@@ -102,7 +102,7 @@ def test_calibrate_exits_recovers_a_planted_safe_threshold():
 
 
 def test_digits_ladder_is_calibrated_from_its_validation_split(digits_spec, digits_backend):
-    from targets.calibration import calibration_for
+    from targets.control.calibration import calibration_for
 
     for measure in ("entropy", "least_confidence", "margin"):
         calibration = calibration_for(digits_spec, measure, digits_backend)

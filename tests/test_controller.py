@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from targets.controlled import ControlledTarget
-from targets.controller import BioController, input_key, uncertainty
-from targets.controller_config import ControllerConfig
+from targets.control.controlled import ControlledTarget
+from targets.control.controller import BioController, input_key, uncertainty
+from targets.control.controller_config import ControllerConfig
 
 
 def controller(clock, **settings_) -> BioController:
@@ -170,7 +170,7 @@ def test_uncertainty_extremes(kind):
 
 
 def test_ladder_runs_each_stage_only_for_the_rows_that_continue(digits_backend, digits_eval, clock):
-    from targets.calibration import ladder_outputs
+    from targets.control.calibration import ladder_outputs
 
     x = digits_eval[0][:64]
     calls = []

@@ -1,4 +1,4 @@
-"""`green-mlops crossval` (targets/crossval.py, green_mlops/crossval.py): planted truths on
+"""`green-mlops crossval` (targets/control/crossval.py, green_mlops/crossval.py): planted truths on
 synthetic ladders whose out-of-fold loss and saving are known, the exact interval of the share,
 and the command on the embedded digits model (one pass of the stages, bad input exit 2)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from targets.calibration import LadderOutputs
-from targets.crossval import Fit, Pool, Rule, clopper_pearson, crossval, score, splits, standard_rules
+from targets.control.calibration import LadderOutputs
+from targets.control.crossval import Fit, Pool, Rule, clopper_pearson, crossval, score, splits, standard_rules
 from targets.errors import ConfigError
 
 

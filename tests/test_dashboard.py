@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from reports.ablation import PAPER_ACCURACY_LOSS_PP, PAPER_LATENCY_REDUCTION_PCT
-from targets import live
-from targets.live import Z95_ONE_SIDED, LABEL_HEADER, LiveState, paper_tau, parse_answer, wilson_interval
+from targets.serving import live
+from targets.serving.live import Z95_ONE_SIDED, LABEL_HEADER, LiveState, paper_tau, parse_answer, wilson_interval
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -109,7 +109,7 @@ def assert_answered_cleanly(calls: list[Call], allowed: set[int]) -> None:
 def test_triton_killed_mid_run(local_triton, triton_repo, start_gateway, digits_eval):
     """SIGKILL Triton under load: the plain gateway answers 503 + Retry-After within its timeout,
     the one with --triton-fallback keeps answering 200; nothing is lost, nothing hangs."""
-    from targets.triton_server import TritonServer
+    from targets.backends.triton_server import TritonServer
 
     server = TritonServer(triton_repo)
     try:

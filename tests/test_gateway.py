@@ -527,7 +527,7 @@ def test_decoding_runs_off_the_event_loop(monkeypatch, digits_spec, digits_backe
     a small one at idle, or with serial_on_loop, on the event loop (no thread hand-off)."""
     import asyncio
 
-    import targets.gateway as gateway_module
+    import targets.serving.gateway as gateway_module
 
     threads = []
     decode = gateway_module.decode_infer_request
@@ -552,7 +552,7 @@ def test_decoding_runs_off_the_event_loop(monkeypatch, digits_spec, digits_backe
 def test_a_full_queue_answers_503_with_retry_after(digits_spec, digits_backend, digits_eval):
     import asyncio
 
-    from targets.gateway import GatewaySettings, create_app
+    from targets.serving.gateway import GatewaySettings, create_app
 
     slow = SlowBackend(digits_backend)
     app = create_app(digits_spec, slow, None, GatewaySettings(max_concurrency=1, max_queue=2))
@@ -604,7 +604,7 @@ def test_a_client_that_hangs_up_mid_body_is_counted_and_forgotten(start_gateway,
 def test_text_input_parts_are_checked_too(entry, message):
     """The BYTES (text) path, with a stand-in tokenizer: no text model needed."""
     from targets.errors import InputError
-    from targets.kserve import ProtocolError, decode_infer_request
+    from targets.backends.kserve import ProtocolError, decode_infer_request
 
     def tokenize(texts):
         if not all(isinstance(t, str) for t in texts):

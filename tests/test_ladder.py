@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from green_mlops.cli import main
-from targets.calibration import calibrator
-from targets.controller_config import build_config
+from targets.control.calibration import calibrator
+from targets.control.controller_config import build_config
 from targets.errors import ConfigError
-from targets.model_dir import load_model_dir
+from targets.model.model_dir import load_model_dir
 from tests.model_factory import make_model_dir
 
 
@@ -60,8 +60,8 @@ def test_validate_on_a_ladder_records_where_requests_left(tmp_path):
 
 def test_oracle_is_the_earliest_exit_with_the_full_models_answer(tmp_path):
     from loadtests.ablation import ladder_oracle
-    from targets.calibration import ladder_outputs
-    from targets.ort_target import OnnxRuntimeTarget
+    from targets.control.calibration import ladder_outputs
+    from targets.backends.ort_target import OnnxRuntimeTarget
 
     spec = load_model_dir(make_model_dir(tmp_path / "ladder", widths=(3, 5, 4), ladder=True))
     backend = OnnxRuntimeTarget(spec, device="cpu")

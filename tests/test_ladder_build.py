@@ -12,7 +12,7 @@ pytest.importorskip("transformers", reason="ladder build needs the 'models' extr
 
 from green_mlops.cli import main  # noqa: E402
 from green_mlops.ladder.common import rows_for_default_budget  # noqa: E402
-from targets.model_dir import load_model_dir  # noqa: E402
+from targets.model.model_dir import load_model_dir  # noqa: E402
 from tests.checkpoint_factory import labelled_texts, tiny_text_checkpoint  # noqa: E402
 
 

@@ -1,5 +1,5 @@
-"""Dynamic batching on the event loop (targets.loop_batcher) and the shared ladder run it relies on
-(ControlledTarget.predict_many); the infer lane below the framework (targets.infer_lane)."""
+"""Dynamic batching on the event loop (targets.serving.loop_batcher) and the shared ladder run it relies on
+(ControlledTarget.predict_many); the infer lane below the framework (targets.serving.infer_lane)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +8,11 @@ import httpx
 import numpy as np
 import pytest
 
-from targets.controlled import ControlledTarget
-from targets.controller_config import build_config
+from targets.control.controlled import ControlledTarget
+from targets.control.controller_config import build_config
 from targets.errors import BackendError, InputError
-from targets.loop_batcher import LoopBatcher
-from targets.make_controller import make_controller
+from targets.serving.loop_batcher import LoopBatcher
+from targets.control.make_controller import make_controller
 from tests.test_gateway import infer_body
 
 
@@ -135,7 +135,7 @@ def test_predict_many_refuses_a_batch_that_does_not_fit_before_any_model_work(di
 
 def test_a_serial_gateway_merges_queued_requests_and_answers_each_as_alone(digits_spec, digits_backend,
                                                                            digits_eval):
-    from targets.gateway import GatewaySettings, create_app
+    from targets.serving.gateway import GatewaySettings, create_app
 
     x, _ = digits_eval
     settings = GatewaySettings(serial_on_loop=True, dynamic_batch_rows=32)
@@ -168,7 +168,7 @@ def test_a_serial_gateway_merges_queued_requests_and_answers_each_as_alone(digit
 def test_the_infer_lane_answers_a_handler_bug_with_json_500_and_passes_other_posts_on():
     from fastapi import FastAPI
 
-    from targets.infer_lane import InferLane
+    from targets.serving.infer_lane import InferLane
 
     app = FastAPI()
 

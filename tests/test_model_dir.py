@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from targets.errors import BackendError, InputError, ModelDirError
-from targets.model_dir import load_model_dir
-from targets.ort_target import OnnxRuntimeTarget
+from targets.model.model_dir import load_model_dir
+from targets.backends.ort_target import OnnxRuntimeTarget
 
 
 def test_stage1_then_stage2_equals_full(digits_backend, digits_eval):
@@ -161,9 +161,9 @@ def one_line_error(directory, match: str, file: str = "model.json") -> str:
 
 
 def test_two_stage_directory_loads_and_answers_unchanged(tiny):
-    from targets.controlled import ControlledTarget
-    from targets.controller import BioController
-    from targets.controller_config import build_config
+    from targets.control.controlled import ControlledTarget
+    from targets.control.controller import BioController
+    from targets.control.controller_config import build_config
 
     spec = load_model_dir(tiny)
     assert spec.n_stages == 2 and spec.stage1.inputs == ("x",)
@@ -282,7 +282,7 @@ def test_ladder_hidden_width_mismatch_names_the_stage(tmp_path):
 def test_text_batches_are_trimmed_to_their_longest_sequence(tiny):
     from dataclasses import replace
 
-    from targets.ort_target import check_batch, trim_padding
+    from targets.backends.ort_target import check_batch, trim_padding
 
     batch = np.array([[5, 6, 0, 0, 0], [7, 0, 0, 0, 0]], dtype=np.int64)
     assert trim_padding(batch, 0).tolist() == [[5, 6], [7, 0]]
@@ -297,7 +297,7 @@ def test_text_batches_are_trimmed_to_their_longest_sequence(tiny):
 
 # --- the sealed split: model.json → split (seed, held-out digest) ----------------------------
 def test_split_seed_and_heldout_digest_are_read_and_optional(tmp_path):
-    from targets.model_dir import heldout_digest
+    from targets.model.model_dir import heldout_digest
 
     plain = load_model_dir(make_model_dir(tmp_path / "old", ladder=True, widths=(3, 3)))
     assert plain.split_seed is None and plain.heldout_digest is None  # older and user model dirs load
@@ -326,7 +326,7 @@ def test_a_malformed_split_is_one_line_naming_the_field(tmp_path, split, field):
 
 def test_a_heldout_set_that_does_not_match_its_digest_is_refused(tmp_path):
     """A held-out set swapped after the build (other source rows) no longer hashes to the digest."""
-    from targets.model_dir import heldout_digest
+    from targets.model.model_dir import heldout_digest
 
     directory = make_model_dir(tmp_path / "m", ladder=True, widths=(3, 3))
     with np.load(directory / "eval.npz") as data:
@@ -339,7 +339,7 @@ def test_a_heldout_set_that_does_not_match_its_digest_is_refused(tmp_path):
 
 def test_the_embedded_digits_model_records_its_split_and_its_heldout_rows_match():
     from green_mlops.models import resolve_model
-    from targets.model_dir import heldout_digest
+    from targets.model.model_dir import heldout_digest
 
     spec = resolve_model("digits")
     assert isinstance(spec.split_seed, int) and spec.split_seed == spec.meta["build"]["split_seed"]

@@ -8,8 +8,8 @@ pytest.importorskip("torch", reason="building models needs the 'models' extra (t
 pytest.importorskip("sklearn", reason="building models needs the 'models' extra (scikit-learn)")
 
 from green_mlops.cli import main  # noqa: E402
-from targets.model_dir import load_model_dir  # noqa: E402
-from targets.ort_target import OnnxRuntimeTarget  # noqa: E402
+from targets.model.model_dir import load_model_dir  # noqa: E402
+from targets.backends.ort_target import OnnxRuntimeTarget  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_the_split_seed_draws_the_split_and_the_digest_names_the_heldout_rows():
     from sklearn.datasets import load_digits
 
     from green_mlops.models.build_digits import _split
-    from targets.model_dir import heldout_digest
+    from targets.model.model_dir import heldout_digest
 
     digits = load_digits()
     images, labels = digits.images, digits.target
@@ -96,7 +96,7 @@ def test_the_split_seed_draws_the_split_and_the_digest_names_the_heldout_rows():
 
 
 def test_the_quick_build_records_its_split(quick_model):
-    from targets.model_dir import heldout_digest
+    from targets.model.model_dir import heldout_digest
 
     from green_mlops.models.build_digits import SPLIT_SEED
 

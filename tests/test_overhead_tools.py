@@ -11,8 +11,8 @@ from loadtests.crosscheck import locust_figures
 from loadtests.overhead import WAITING, categorise, parse_raw
 from loadtests.wrk import _lua, parse_output
 from targets.cpus import PIN_ENV, cpu_list, serving_threads, split_for_load_test
-from targets.gateway import BoundedExecutor, QueueFull
-from targets.http_protocol import _GatheringTransport
+from targets.serving.gateway import BoundedExecutor, QueueFull
+from targets.serving.http_protocol import _GatheringTransport
 
 
 def test_cpu_list_reads_like_taskset():
@@ -114,11 +114,11 @@ def test_reserved_jobs_count_against_the_queue_bound():
 
 def test_samples_are_sorted_by_the_innermost_known_frame():
     ort = "run (onnxruntime/capi/session.py:1)"
-    worker = "_worker (concurrent/futures/thread.py:83);answer (targets/gateway.py:5)"
-    assert categorise(f"{worker};predict (targets/controlled.py:79);{ort}") == "inference (ONNX Runtime)"
-    assert categorise(f"{worker};decode_infer_request (targets/kserve.py:1);loads (json/__init__.py:2)") == \
+    worker = "_worker (concurrent/futures/thread.py:83);answer (targets/serving/gateway.py:5)"
+    assert categorise(f"{worker};predict (targets/control/controlled.py:79);{ort}") == "inference (ONNX Runtime)"
+    assert categorise(f"{worker};decode_infer_request (targets/backends/kserve.py:1);loads (json/__init__.py:2)") == \
         "parse + validate (request)"
-    assert categorise(f"{worker};encode_infer_response (targets/kserve.py:220);dumps (json/__init__.py:1)") == \
+    assert categorise(f"{worker};encode_infer_response (targets/backends/kserve.py:220);dumps (json/__init__.py:1)") == \
         "encode (answer JSON)"
     assert categorise("_worker (concurrent/futures/thread.py:81)") == WAITING
     assert categorise("main (cli.py:1);Runner.run (asyncio/runners.py:118)") == WAITING

@@ -14,8 +14,8 @@ from profilers.profiler import Profiler, Sampler, WindowResult, feed_controller,
 from profilers.sources import (
     CodeCarbonSource, NvmlSource, RaplSource, SourceReading, SourceUnavailable, counter_delta, integrate_power_j,
 )
-from targets.controller import BioController
-from targets.controller_config import ControllerConfig
+from targets.control.controller import BioController
+from targets.control.controller_config import ControllerConfig
 
 HAS_RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj").exists()
 

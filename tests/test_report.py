@@ -221,12 +221,12 @@ def test_missing_results_dir_is_a_clear_error(tmp_path):
 
 
 def test_the_report_reads_the_runs_and_never_runs_a_model(recorded_runs, tmp_path, monkeypatch):
-    import targets.ort_target
+    import targets.backends.ort_target
 
     def refuse(*args, **kwargs):
         raise AssertionError("the report ran a model")
 
-    monkeypatch.setattr(targets.ort_target.OnnxRuntimeTarget, "__init__", refuse)
+    monkeypatch.setattr(targets.backends.ort_target.OnnxRuntimeTarget, "__init__", refuse)
     out = tmp_path / "report"
     assert main(["report", str(recorded_runs), "--out", str(out), "--min-duration-s", "3",
                  "--min-requests", "100"]) == 0

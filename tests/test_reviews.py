@@ -183,7 +183,7 @@ def test_length_batches_cover_every_row_once_and_group_lengths():
 
 
 def test_tokenizer_at_the_edge_reproduces_the_build(small_reviews):
-    from targets.tokenizer import EdgeTokenizer
+    from targets.model.tokenizer import EdgeTokenizer
 
     directory, meta, _ = small_reviews
     tokenizer = EdgeTokenizer(directory / meta["tokenizer"]["file"], meta["tokenizer"]["max_length"])
@@ -192,8 +192,8 @@ def test_tokenizer_at_the_edge_reproduces_the_build(small_reviews):
 
 
 def test_bytes_text_through_the_gateway(small_reviews, start_gateway):
-    from targets.model_dir import load_model_dir
-    from targets.ort_target import OnnxRuntimeTarget
+    from targets.model.model_dir import load_model_dir
+    from targets.backends.ort_target import OnnxRuntimeTarget
 
     directory, _, _ = small_reviews
     spec = load_model_dir(directory)
@@ -248,12 +248,12 @@ def test_models_build_rejects_bad_arguments(capsys):
 def test_bio_inside_triton_answers_text_requests_of_different_lengths_as_the_gateway(small_reviews):
     """One dynamic batch of padded text rows whose lengths differ: each request trimmed, grouped
     by its trimmed shape, and answered as the gateway's target answers it alone."""
-    from targets.calibration import calibrator
-    from targets.controlled import ControlledTarget
-    from targets.controller_config import build_config
-    from targets.make_controller import make_controller
-    from targets.ort_target import OnnxRuntimeTarget
-    from targets.registry import resolve_model
+    from targets.control.calibration import calibrator
+    from targets.control.controlled import ControlledTarget
+    from targets.control.controller_config import build_config
+    from targets.control.make_controller import make_controller
+    from targets.backends.ort_target import OnnxRuntimeTarget
+    from targets.model.registry import resolve_model
     from tests.test_triton_bio import bio_model
 
     spec = resolve_model(str(small_reviews[0]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from targets.errors import ConfigError
-from targets.slo_loop import SloLoop
+from targets.control.slo_loop import SloLoop
 
 
 def simulated_p95_ms(arrival_rps: float, exit_rate: float, shed: float) -> float:
@@ -92,8 +92,8 @@ def test_bad_settings_are_config_errors(kwargs):
 def test_budget_policy_clamps_at_the_ceiling_and_refuses_what_it_cannot_certify():
     import numpy as np
 
-    from targets.budget_policy import BudgetPolicy
-    from targets.certified_path import calibrate_path
+    from targets.control.budget_policy import BudgetPolicy
+    from targets.control.certified_path import calibrate_path
 
     rng = np.random.default_rng(0)
     n = 2000

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 
 from green_mlops.cli import main
-from targets.certify import rows_needed, smallest_certifiable_budget
+from targets.control.certify import rows_needed, smallest_certifiable_budget
 
 
 def test_rows_needed_is_the_fewest_rows_that_certify_the_budget():

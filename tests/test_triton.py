@@ -13,8 +13,8 @@ import onnxruntime
 import pytest
 
 from targets.errors import BackendError
-from targets.triton_repo import RepoOptions, config_pbtxt, triton_model_names, write_repository
-from targets.triton_target import FallbackBackend, TritonTarget, parse_metrics
+from targets.serving.triton_repo import RepoOptions, config_pbtxt, triton_model_names, write_repository
+from targets.backends.triton_target import FallbackBackend, TritonTarget, parse_metrics
 
 
 def parsed_config(text: str) -> dict:
@@ -170,7 +170,7 @@ def test_gateway_routes_to_triton(triton_server, start_gateway, digits_backend, 
 
 
 def test_gateway_answers_503_or_falls_back_when_triton_dies(local_triton, triton_repo, start_gateway, digits_eval):
-    from targets.triton_server import TritonServer
+    from targets.backends.triton_server import TritonServer
 
     server = TritonServer(triton_repo)
     plain = start_gateway("--backend", "triton", "--triton-url", server.url, "--triton-timeout-s", "1")
@@ -368,7 +368,7 @@ def test_killing_triton_up_leaves_no_server(local_triton, triton_repo):
 
 
 def test_install_says_when_everything_is_already_installed(local_triton, tmp_path):
-    from targets.triton_server import install_venv, installed, triton_venv
+    from targets.backends.triton_server import install_venv, installed, triton_venv
 
     if not installed(triton_venv()):
         pytest.skip("the Triton venv is not complete here")

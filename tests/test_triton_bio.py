@@ -14,13 +14,13 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from targets.controlled import ControlledTarget, Outcome
-from targets.controller import ACTION_REJECT, ACTION_SHED, Decision
-from targets.controller_bundle import BUNDLE_VERSION, controller_bundle, controller_from_bundle
+from targets.control.controlled import ControlledTarget, Outcome
+from targets.control.controller import ACTION_REJECT, ACTION_SHED, Decision
+from targets.control.controller_bundle import BUNDLE_VERSION, controller_bundle, controller_from_bundle
 from targets.errors import ConfigError
-from targets.triton_bio import CONTROL_MODULES, PARAMETER, PARAMETERS_VERSION, BioModel, ladder_parameters
-from targets.triton_repo import RepoOptions, pbtxt_string, triton_model_names, write_repository
-from targets.triton_target import parse_metrics
+from targets.serving.triton_bio import CONTROL_MODULES, PARAMETER, PARAMETERS_VERSION, BioModel, ladder_parameters
+from targets.serving.triton_repo import RepoOptions, pbtxt_string, triton_model_names, write_repository
+from targets.backends.triton_target import parse_metrics
 from tests.conftest import settled_budget_controller
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,9 +57,9 @@ def test_bundle_rebuilds_the_same_controller(digits_spec, digits_backend):
 
 
 def test_bundle_of_the_paper_policy_has_no_path(digits_spec, digits_backend):
-    from targets.calibration import calibrator
-    from targets.controller_config import build_config
-    from targets.make_controller import make_controller
+    from targets.control.calibration import calibrator
+    from targets.control.controller_config import build_config
+    from targets.control.make_controller import make_controller
 
     config = build_config(digits_spec.controller_hints, None, {"policy": "paper"},
                           calibration=calibrator(digits_spec, digits_backend))
@@ -170,7 +170,8 @@ def test_control_modules_are_closed_under_their_imports_and_leave_out_the_gatewa
         tree = ast.parse((ROOT / "targets" / f"{module}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("targets."):
-                assert node.module.split(".")[1] in CONTROL_MODULES, f"{module} imports {node.module}"
+                assert node.module.removeprefix("targets.").replace(".", "/") in CONTROL_MODULES, \
+                    f"{module} imports {node.module}"
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.split(".")[0] in ("fastapi", "starlette", "uvicorn") for n in names), module
@@ -178,8 +179,8 @@ def test_control_modules_are_closed_under_their_imports_and_leave_out_the_gatewa
 
 def test_the_triton_venv_imports_the_bio_model_without_fastapi_or_scipy(local_triton, triton_repo):
     """What a stock Triton's Python backend has (numpy) is enough: no web stack, no scipy."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import targets.triton_bio, targets.controller_bundle; "
-            "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'targets.gateway', 'scipy') if m in sys.modules]; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import targets.serving.triton_bio, targets.control.controller_bundle; "
+            "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'targets.serving.gateway', 'scipy') if m in sys.modules]; "
             "print('loaded', bad)")
     out = subprocess.run([str(local_triton.python), "-c", code, str(triton_repo / "digits_bio" / "1" / "control")],
                          capture_output=True, text=True, timeout=120)

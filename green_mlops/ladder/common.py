@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.certify import rows_needed
+from targets.control.certify import rows_needed
 from targets.errors import GreenMLOpsError
 
 HELDOUT_FRACTION = 0.2  # drawn first, by the split seed
 VALIDATION_FRACTION_OF_REST = 0.30  # as the reviews build: the budget's certificate is calibrated on it
-DEFAULT_BUDGET_PP, DEFAULT_RISK = 0.5, 0.1  # the budget policy's defaults (targets.controller_config)
+DEFAULT_BUDGET_PP, DEFAULT_RISK = 0.5, 0.1  # the budget policy's defaults (targets.control.controller_config)
 HEAD_STEPS = 400  # full-batch Adam steps per exit head (frozen backbone)
 HEAD_LR = 0.01
 DISTILL_ALPHA = 0.5  # share of an exit head's loss that is distillation from the full model

@@ -27,7 +27,7 @@ import numpy as np
 from green_mlops.ladder.common import (DISTILL_ALPHA, DISTILL_TEMPERATURE, HEAD_LR, HEAD_STEPS, LadderBuildError,
                                        Progress, fit_head, map_labels, model_name, read_table, require_rows, split_rows,
                                        staged_directory)
-from targets.model_dir import heldout_digest
+from targets.model.model_dir import heldout_digest
 
 SUPPORTED = ("bert", "roberta", "xlm-roberta", "distilbert")
 """``config.model_type`` values this builder cuts (MiniLM checkpoints are ``bert``)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from green_mlops.ladder.common import (DISTILL_ALPHA, DISTILL_TEMPERATURE, HEAD_LR, HEAD_STEPS, LadderBuildError,
                                        Progress, fit_head, model_name, require_rows, split_rows, staged_directory)
-from targets.model_dir import heldout_digest
+from targets.model.model_dir import heldout_digest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect

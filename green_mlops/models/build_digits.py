@@ -8,14 +8,14 @@ policy to certify a 0.5 pp accuracy budget at δ = 0.1, which needs at least ln(
 rows. (A 35/45 split, 642 training images, lost 2 pp of held-out accuracy: training needs them.) Held-out images that are pixel-identical to a training or validation
 image are dropped, so no test image is seen in training even as a duplicate. ``model.json`` →
 ``split`` records the split seed and the sha256 of the held-out rows' indices in ``load_digits``
-(:func:`targets.model_dir.heldout_digest`); ``eval.npz`` and ``validation.npz`` carry those
+(:func:`targets.model.model_dir.heldout_digest`); ``eval.npz`` and ``validation.npz`` carry those
 indices as ``source_index``.
 
 The network is four residual blocks; an exit head (2x2 average pool + linear) follows each of the
 first three, so a request can leave after one, two or three blocks (a ladder of three exits). All
 exits and the final classifier are trained jointly (a weighted sum of their losses).
 
-Outputs, in the model directory contract of :mod:`targets.model_dir` (N = 4 stages):
+Outputs, in the model directory contract of :mod:`targets.model.model_dir` (N = 4 stages):
 ``full.onnx`` (x -> logits), ``stage1.onnx`` (x -> exit_logits, hidden), ``stage2.onnx`` and
 ``stage3.onnx`` (hidden -> exit_logits, hidden), ``stage4.onnx`` (hidden -> logits),
 ``eval.npz`` (held-out x, y), ``validation.npz`` (validation x, y: the exit thresholds are
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.model_dir import heldout_digest
+from targets.model.model_dir import heldout_digest
 
 TRAIN_SEED = 0  # weights' initialisation, batch order and augmentation
 SPLIT_SEED = 20261202  # which images are held out, validation, training (`models build --split-seed`); the

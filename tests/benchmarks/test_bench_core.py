@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from targets.controlled import ControlledTarget
-from targets.controller import BioController, uncertainty
-from targets.controller_config import build_config
+from targets.control.controlled import ControlledTarget
+from targets.control.controller import BioController, uncertainty
+from targets.control.controller_config import build_config
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def one_input(digits_eval):
 
 @pytest.fixture(scope="module")
 def bio_config(digits_spec):
-    from targets.calibration import calibrator
+    from targets.control.calibration import calibrator
 
     return build_config(digits_spec.controller_hints, None, {"k_per_s": 1e6}, calibrator(digits_spec))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from targets.controlled import ControlledTarget
+from targets.control.controlled import ControlledTarget
 
 
 @pytest.mark.benchmark(group="gateway")

@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 
 from loadtests.gateway_process import GatewayProcess
-from targets.controlled import ControlledTarget
+from targets.control.controlled import ControlledTarget
 from targets.cpus import split_for_load_test
 from targets.errors import ModelDirError
-from targets.ort_target import OnnxRuntimeTarget
-from targets.registry import resolve_model
+from targets.backends.ort_target import OnnxRuntimeTarget
+from targets.model.registry import resolve_model
 
 MODELS = ("digits", "reviews")
 ROWS = 200
@@ -246,9 +246,9 @@ def _saturate(benchmark, side, gateway, wrk) -> None:
 @pytest.mark.benchmark(group="saturation, bio")
 @pytest.mark.parametrize("name", MODELS)
 def test_saturation_in_process_bio(benchmark, name, sides, wrk):
-    from targets.calibration import calibrator
-    from targets.controller import BioController
-    from targets.controller_config import build_config
+    from targets.control.calibration import calibrator
+    from targets.control.controller import BioController
+    from targets.control.controller_config import build_config
 
     side = sides(name)
     overrides = {"policy": "paper", "k_per_s": 1e6, "gamma": 0.0, "beta": 0.0}

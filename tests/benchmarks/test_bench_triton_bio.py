@@ -21,7 +21,7 @@ import pytest
 
 from loadtests.gateway_process import GatewayProcess
 from targets.cpus import split_for_load_test
-from targets.triton_target import parse_metrics
+from targets.backends.triton_target import parse_metrics
 from tests.conftest import settled_budget_controller
 
 ROWS = 200
@@ -61,9 +61,9 @@ def wrk_available():
 
 @pytest.fixture(scope="module")
 def bio_triton(local_triton, tmp_path_factory, digits_spec, digits_backend, halves):
-    from targets.controller_bundle import controller_bundle
-    from targets.triton_repo import RepoOptions, write_repository
-    from targets.triton_server import TritonServer
+    from targets.control.controller_bundle import controller_bundle
+    from targets.serving.triton_repo import RepoOptions, write_repository
+    from targets.backends.triton_server import TritonServer
 
     repo = tmp_path_factory.mktemp("bio-bench-repo")
     bundle = controller_bundle(settled_budget_controller(digits_spec, digits_backend))

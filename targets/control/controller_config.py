@@ -1,7 +1,7 @@
 """Controller parameters: documented defaults, a TOML file's ``[controller]`` table, CLI flags.
 
 Precedence, lowest first: defaults, the model's calibration (per exit k, for the uncertainty
-measure in use: τ∞_k = α·(1 − u*_k), see :mod:`targets.calibration`), the TOML file, explicit
+measure in use: τ∞_k = α·(1 − u*_k), see :mod:`targets.control.calibration`), the TOML file, explicit
 flags. An explicit ``tau_inf`` (flag or file) without ``exit_tau_inf`` applies at every exit.
 A model whose only calibration is the legacy entropy threshold (``uncertainty_skip_below``) is an
 error with another measure unless ``tau_inf`` is given: never the entropy threshold for a
@@ -15,14 +15,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
-from targets.certified_path import LOSSES, PATH_KINDS
+from targets.control.certified_path import LOSSES, PATH_KINDS
 from targets.errors import ConfigError
 
 UNCERTAINTIES = ("entropy", "least_confidence", "margin")
 SKIP_ACTIONS = ("exit", "cache", "reject")
 POLICIES = ("paper", "budget")
 OVERLOAD_ACTIONS = ("reject", "queue")
-SPEND_MODES = ("ceiling", "adaptive")  # budget policy: see targets.budget_policy
+SPEND_MODES = ("ceiling", "adaptive")  # budget policy: see targets.control.budget_policy
 BUDGET_LOSSES, BUDGET_PATHS = LOSSES, PATH_KINDS  # budget policy: the certified risk and family
 DEFAULT_TAU_INF = 0.8
 
@@ -54,7 +54,7 @@ class ControllerConfig:
     spend: str = "ceiling"  # budget policy: 'ceiling' rests at the certified ceiling, 'adaptive' below it
     budget_loss: str = "harm"  # budget policy: certify harms alone ('harm') or harms − fixes ('net')
     budget_path: str = "auto"  # budget policy: the certified family, 'per-exit' thresholds or one 'shared'
-    audit_rate: float = 0.02  # budget policy, served: share of requests the live audit checks (targets.audit)
+    audit_rate: float = 0.02  # budget policy, served: share of requests the live audit checks (targets.control.audit)
     audit_idle_rate: float = 0.25  # the same when the request is the only one in flight
     audit_risk: float = 0.01  # the live audit's false-alarm probability over a whole run
 

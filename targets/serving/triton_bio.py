@@ -2,14 +2,14 @@
 
 Triton's dynamic batcher hands the model a list of requests; :class:`BioModel` runs stage 1 on
 all their rows at once, lets the controller decide every row (the same
-:class:`~targets.controlled.ControlledTarget` and :class:`~targets.controller.BioController` the
-gateway runs, rebuilt from a :mod:`controller bundle <targets.controller_bundle>` with the
+:class:`~targets.control.controlled.ControlledTarget` and :class:`~targets.control.controller.BioController` the
+gateway runs, rebuilt from a :mod:`controller bundle <targets.control.controller_bundle>` with the
 certified thresholds), and sends the rows that continue on as one sub-batch to the next stage
 model, through Triton's business-logic scripting (BLS): ``<name>_stage2`` … ``<name>_stageN``,
 served by the same server. Each request gets its rows' probabilities and where each row left.
 
 This module never imports Triton: the Python backend's ``model.py`` (:data:`MODEL_PY`, written
-by :mod:`targets.triton_repo`) passes a ``call(model, inputs, outputs)`` function that runs a BLS
+by :mod:`targets.serving.triton_repo`) passes a ``call(model, inputs, outputs)`` function that runs a BLS
 request, so the same code runs in tests with ONNX Runtime behind ``call``. It imports the control
 modules only (never FastAPI or the gateway): :data:`CONTROL_MODULES` lists what the repository
 copies next to ``model.py``, byte for byte.
@@ -28,16 +28,20 @@ from typing import Callable
 
 import numpy as np
 
-from targets.controlled import ControlledTarget, Outcome
-from targets.controller import ACTION_REJECT, ACTION_SHED
-from targets.controller_bundle import controller_from_bundle
+from targets.control.controlled import ControlledTarget, Outcome
+from targets.control.controller import ACTION_REJECT, ACTION_SHED
+from targets.control.controller_bundle import controller_from_bundle
 from targets.errors import ConfigError
-from targets.ort_target import softmax, trim_padding
+from targets.backends.ort_target import softmax, trim_padding
 
-CONTROL_MODULES = ("__init__", "errors", "binomial_bounds", "certify", "certified_path", "controller_config",
-                   "slo_loop", "budget_policy", "controller", "audit", "controlled", "controller_bundle",
-                   "model_dir", "tokenizer", "ort_target", "triton_bio")
-"""The ``targets`` modules the Triton model imports (closed under their imports; no FastAPI)."""
+CONTROL_MODULES = ("__init__", "errors", "model/__init__", "model/model_dir", "model/tokenizer",
+                   "backends/__init__", "backends/ort_target",
+                   "control/__init__", "control/binomial_bounds", "control/certify", "control/certified_path",
+                   "control/controller_config", "control/slo_loop", "control/budget_policy", "control/controller",
+                   "control/audit", "control/controlled", "control/controller_bundle",
+                   "serving/__init__", "serving/triton_bio")
+"""The ``targets`` modules the Triton model imports, as paths under ``targets/`` (closed under their
+imports; no FastAPI, no gateway)."""
 OUTPUTS = (("probabilities", "TYPE_FP32"), ("exit_stage", "TYPE_INT32"), ("path_index", "TYPE_INT32"),
            ("action", "TYPE_STRING"))
 PARAMETER = "green_mlops"  # the config.pbtxt parameter holding the ladder and the controller bundle
@@ -194,7 +198,7 @@ class BioModel:
 
 
 MODEL_PY = '''"""Triton Python backend model: the early-exit ladder and its tau(t) controller (written by
-green-mlops; see targets/triton_bio.py in the control/ folder next to this file)."""
+green-mlops; see targets/serving/triton_bio.py in the control/ folder next to this file)."""
 import json
 import sys
 from pathlib import Path
@@ -204,7 +208,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "control"))
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from targets.triton_bio import PARAMETER, BioModel  # noqa: E402
+from targets.serving.triton_bio import PARAMETER, BioModel  # noqa: E402
 
 
 class TritonPythonModel:

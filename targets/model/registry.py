@@ -2,7 +2,7 @@
 
 ``digits`` ships inside the package (``green_mlops/models/digits``); ``reviews`` is built into the
 models cache. Anything else is a model directory path. Every model loads through
-:func:`targets.model_dir.load_model_dir`, so it is validated once, at load, the same way for
+:func:`targets.model.model_dir.load_model_dir`, so it is validated once, at load, the same way for
 ``validate``, ``serve``, the locustfiles and ``triton repo``.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 from targets.errors import ModelDirError
-from targets.model_dir import ModelSpec, load_model_dir
+from targets.model.model_dir import ModelSpec, load_model_dir
 
 # The package data directory of the embedded models (a sibling package of ``targets``).
-EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "green_mlops" / "models"
+EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "green_mlops" / "models"
 DEFAULT_MODEL = "digits"
 EMBEDDED = ("digits", "reviews")
 

@@ -43,10 +43,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from targets.controller import uncertainty
-from targets.controller_config import UNCERTAINTIES
+from targets.control.controller import uncertainty
+from targets.control.controller_config import UNCERTAINTIES
 from targets.errors import ConfigError, ModelDirError
-from targets.model_dir import ModelSpec
+from targets.model.model_dir import ModelSpec
 
 LOSS_BUDGET_PP = 0.0
 STANDARD_ERRORS = 1.0
@@ -199,7 +199,7 @@ def _validation_outputs(spec: ModelSpec, backend) -> tuple[LadderOutputs, np.nda
     with _CACHE_LOCK:
         if key not in _CACHE:
             if backend is None:
-                from targets.ort_target import OnnxRuntimeTarget
+                from targets.backends.ort_target import OnnxRuntimeTarget
 
                 backend = OnnxRuntimeTarget(spec, device="cpu")
             _CACHE[key] = ladder_outputs(backend, x)
@@ -225,7 +225,7 @@ def check_ladder(spec: ModelSpec, backend=None, tolerance: float = LADDER_TOLERA
     if spec.validation_path is None:
         return None
     if backend is None:
-        from targets.ort_target import OnnxRuntimeTarget
+        from targets.backends.ort_target import OnnxRuntimeTarget
 
         backend = OnnxRuntimeTarget(spec, device="cpu")
     x = spec.load_validation()[0][:LADDER_CHECK_ROWS]
@@ -276,10 +276,10 @@ def rule_record(spec: ModelSpec, config, explicit_tau_inf: bool = False) -> dict
     """Which rule set the exit thresholds of ``spec`` under ``config`` (a ControllerConfig: its
     ``policy`` and ``uncertainty``), and on which split: ``{"rule", "version", "split_seed",
     "heldout_digest"}`` (split fields None for a model.json without ``split``). The budget policy's
-    rule is its certificate (:data:`targets.certified_path.PATH_NAME`); the paper policy's is
+    rule is its certificate (:data:`targets.control.certified_path.PATH_NAME`); the paper policy's is
     :data:`RULE_NAME`, or ``"model.json"`` (version None) when the thresholds are stored there, or
     ``"explicit tau_inf"`` when the user set τ∞ under the paper policy. Reads model.json only: nothing is computed."""
-    from targets.certified_path import PATH_NAME, PATH_VERSION
+    from targets.control.certified_path import PATH_NAME, PATH_VERSION
 
     stored = spec.controller_hints.get("calibration") or {}
     if config.policy == "budget":  # its certified path bounds every exit, whatever τ∞ is
@@ -304,15 +304,15 @@ def rule_line(record: dict) -> str:
 
 
 def calibrator(spec: ModelSpec, backend=None):
-    """``measure -> u* per exit`` for :func:`targets.controller_config.build_config`."""
+    """``measure -> u* per exit`` for :func:`targets.control.controller_config.build_config`."""
     return lambda measure: calibration_for(spec, measure, backend).u_star
 
 
 def budget_calibration_for(spec: ModelSpec, measure: str, budget_pp: float, risk: float, backend=None,
                            loss: str = "harm", kind: str = "auto"):
-    """The certified path of ``spec`` for an accuracy budget (see :mod:`targets.certified_path`):
+    """The certified path of ``spec`` for an accuracy budget (see :mod:`targets.control.certified_path`):
     screened and tested on the validation split, every stage counted as one."""
-    from targets.certified_path import calibrate_path
+    from targets.control.certified_path import calibrate_path
 
     if spec.validation_path is None:
         raise ConfigError(f"model '{spec.name}' has no validation split (validation.npz): the budget "

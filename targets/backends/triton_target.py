@@ -1,7 +1,7 @@
 """Triton adapter over ``tritonclient.http``: the early-exit backend interface, served by Triton.
 
 The graphs are the repository's ``<name>_full`` and ``<name>_stage1`` … ``<name>_stageN``, one
-Triton model per stage of the ladder, chained here stage by stage (see :mod:`targets.triton_repo`). Tensors travel in Triton's binary form. Each thread has its own
+Triton model per stage of the ladder, chained here stage by stage (see :mod:`targets.serving.triton_repo`). Tensors travel in Triton's binary form. Each thread has its own
 client (a pool of ``concurrency`` connections); every call is bounded by ``timeout_s`` (connect and
 network timeouts) and any failure
 (unreachable, slow, model missing, an answer without the expected outputs) raises
@@ -20,13 +20,27 @@ import urllib.request
 
 import numpy as np
 
-from targets.errors import BackendError, InputError
-from targets.kserve import datatype_of
-from targets.model_dir import ModelSpec
-from targets.ort_target import check_batch, softmax
-from targets.triton_repo import triton_model_names
+from targets.errors import BackendError, InputError, ModelDirError
+from targets.backends.kserve import datatype_of
+from targets.model.model_dir import MODEL_NAME, ModelSpec
+from targets.backends.ort_target import check_batch, softmax
 
 METRIC_LINE = re.compile(r'^(nv_inference_[a-z_]+)\{([^}]*)\} (\S+)$')
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it can name a Triton model (and a URL path segment), else ModelDirError."""
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise ModelDirError(f"model name {name!r} cannot name a Triton model: use letters, digits, '_', '.' "
+                            "and '-' only, starting with a letter or digit (no '/')")
+    return name
+
+
+def triton_model_names(model_name: str, n_stages: int = 2) -> dict[str, str]:
+    """Triton model name per graph key: ``full`` and ``stage1`` … ``stage<n_stages>``."""
+    check_model_name(model_name)
+    keys = ("full", *(f"stage{k}" for k in range(1, n_stages + 1)))
+    return {key: f"{model_name}_{key}" for key in keys}
 
 
 def parse_metrics(text: str, models: set[str]) -> dict[str, dict[str, float]]:

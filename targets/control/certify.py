@@ -1,4 +1,4 @@
-"""The exact binomial machinery of the budget policy's certificate (:mod:`targets.certified_path`).
+"""The exact binomial machinery of the budget policy's certificate (:mod:`targets.control.certified_path`).
 
 For a {0, 1} loss (1: the full model answers a row rightly and the early-exit policy wrongly),
 the number of losses on n rows is binomial, so H0 "the risk exceeds the budget B" has the exact

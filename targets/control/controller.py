@@ -12,7 +12,7 @@ For each request::
 
 Over a ladder of exits the same rule runs at every exit k, with that exit's uncertainty u_k and
 threshold τ_k(t) = τ∞_k + (τ0 − τ∞_k)·e^(−k·t) (τ∞_k calibrated per exit, see
-:mod:`targets.calibration`): J ≤ τ_k means the row *continues* to the next stage (at the last exit:
+:mod:`targets.control.calibration`): J ≤ τ_k means the row *continues* to the next stage (at the last exit:
 the full model's final stage runs). A row that does not continue takes the configured skip action
 there: ``exit`` (that exit's answer), ``cache`` (an earlier full answer for the same input, else
 the exit's) or ``reject`` (no answer). Every decision records the exit it was made at.
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from targets.controller_config import ControllerConfig
+from targets.control.controller_config import ControllerConfig
 from targets.errors import ConfigError
 
 if TYPE_CHECKING:
-    from targets.budget_policy import BudgetPolicy
+    from targets.control.budget_policy import BudgetPolicy
 
 ACTION_FULL, ACTION_EXIT, ACTION_CACHE, ACTION_REJECT = "full", "exit", "cache", "reject"
 ACTION_SHED = "shed"  # budget policy: shed before any work, the SLO unmet at the certified ceiling
@@ -109,7 +109,7 @@ class BioController:
         on_decision: Callable[[Decision], None] | None = None,
         budget: "BudgetPolicy | None" = None,
     ):
-        """``budget`` (policy 'budget', see :mod:`targets.budget_policy`) bounds every decision by
+        """``budget`` (policy 'budget', see :mod:`targets.control.budget_policy`) bounds every decision by
         the certified ceiling and carries the SLO loop; None is the paper's controller."""
         if (budget is None) != (config.policy == "paper"):
             raise ConfigError(f"controller policy '{config.policy}' needs "
@@ -122,7 +122,7 @@ class BioController:
         self._on_decision = on_decision
         self._lock = threading.Lock()
         self._in_flight = 0
-        self.auditor = None  # the live audit of the budget policy's certificate (targets.audit), when one runs
+        self.auditor = None  # the live audit of the budget policy's certificate (targets.control.audit), when one runs
         self._latencies_ms: deque[float] = deque(maxlen=config.latency_window)
         self._slo_samples: deque[tuple[float, float, float]] = deque()  # (finished s, latency ms, service ms)
         self._since_p95 = 0
@@ -212,7 +212,7 @@ class BioController:
     # --- decisions -----------------------------------------------------------------------
     def path_point(self) -> tuple[int, tuple[float, ...]] | None:
         """Budget policy: the point of the certified path the signals choose now (see
-        :mod:`targets.budget_policy`), ``(index, per-exit thresholds)``; None under the paper policy.
+        :mod:`targets.control.budget_policy`), ``(index, per-exit thresholds)``; None under the paper policy.
         Take it once per request and pass it to every :meth:`decide` of that request."""
         if self.budget is None:
             return None

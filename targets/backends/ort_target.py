@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from targets.errors import BackendError, InputError, ModelDirError
-from targets.model_dir import GraphSpec, ModelSpec
+from targets.model.model_dir import GraphSpec, ModelSpec
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

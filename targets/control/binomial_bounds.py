@@ -1,6 +1,6 @@
 """Exact (Clopper–Pearson) bounds of a binomial proportion, in the Beta form, so counts may be
 fractional (shares of repeated rows). One implementation for the verdicts (:mod:`reports.bounds`)
-and the out-of-fold rule comparison (:mod:`targets.crossval`)."""
+and the out-of-fold rule comparison (:mod:`targets.control.crossval`)."""
 from __future__ import annotations
 
 # scipy is imported where it is used: the controller's modules import this one, and a server that

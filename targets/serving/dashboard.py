@@ -2,13 +2,13 @@
 
 :func:`install_dashboard` adds to a gateway app
 
-* ``GET /dashboard``: the page (HTML, the chart library vendored in ``targets/static/dashboard``:
+* ``GET /dashboard``: the page (HTML, the chart library vendored in ``targets/serving/static/dashboard``:
   uPlot, MIT; no CDN, no build step, no request to any other host);
-* ``GET /dashboard/state?since=SEQ``: the live state as JSON (see :mod:`targets.live`), the points
+* ``GET /dashboard/state?since=SEQ``: the live state as JSON (see :mod:`targets.serving.live`), the points
   after ``SEQ`` and the current figures; the page polls it twice a second;
 * ``GET /dashboard/static/{file}``: the page's script, style and chart library;
-* the live state (:class:`targets.live.LiveState`) that the gateway's infer lane
-  (:mod:`targets.infer_lane`) hands every ``POST …/infer`` to after answering it: its status,
+* the live state (:class:`targets.serving.live.LiveState`) that the gateway's infer lane
+  (:mod:`targets.serving.infer_lane`) hands every ``POST …/infer`` to after answering it: its status,
   latency, answer body and the client's ``X-Green-MLOps-Label`` header (if any).
 
 With the gateway's Prometheus ``registry``, the same live figures are exported for Prometheus and
@@ -27,7 +27,7 @@ from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from targets.live import LABEL_HEADER, LiveState
+from targets.serving.live import LABEL_HEADER, LiveState
 
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "dashboard"
 STATIC_FILES = {  # what /dashboard/static serves, and nothing else

@@ -550,7 +550,7 @@ class LiveState:
 
 
 def audit_lines(state: dict | None) -> list[dict]:
-    """The live audit's verdict lines (see targets.audit): the certificate held or void, with the
+    """The live audit's verdict lines (see targets.control.audit): the certificate held or void, with the
     audited disagreement against the validation split's, and the labelled rows paired against the
     full model on the same rows when the client sent labels. None without a budget policy."""
     audit = (state or {}).get("audit")

@@ -106,7 +106,7 @@ class ModelSpec:
         """The edge tokenizer of a text model (None for models that take tensors only)."""
         if self.tokenizer_path is None:
             return None
-        from targets.tokenizer import EdgeTokenizer
+        from targets.model.tokenizer import EdgeTokenizer
 
         return EdgeTokenizer(self.tokenizer_path, self.tokenizer_max_length, self.tokenizer_pad_id)
 

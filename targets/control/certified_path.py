@@ -50,8 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from targets.binomial_bounds import clopper_pearson_lower, clopper_pearson_upper
-from targets.certify import THRESHOLD_GRID, binomial_p_value, smallest_certifiable_budget
+from targets.control.binomial_bounds import clopper_pearson_lower, clopper_pearson_upper
+from targets.control.certify import THRESHOLD_GRID, binomial_p_value, smallest_certifiable_budget
 from targets.errors import ConfigError
 
 PATH_NAME = "ltt-fixed-sequence-path"
@@ -96,7 +96,7 @@ class PathCalibration:
     depth_histogram: tuple[int, ...] | None
     disagreements: tuple[int, ...] = ()
     """Per point up to the ceiling: test rows whose answer there differs from the full model's (the
-    live audit's reference, :mod:`targets.audit`)."""
+    live audit's reference, :mod:`targets.control.audit`)."""
 
     @property
     def certified(self) -> bool:

@@ -6,7 +6,7 @@ that continue go on together as one sub-batch of hidden states, so no work is do
 two-stage model is the ladder with one exit. Without a controller (``controller=None``) every
 row runs the full model: the *standard* path of the paper's ablation. Every stage run and every
 decision happens inside ``predict``, so a caller timing it times them all. With an auditor
-(:mod:`targets.audit`), a sampled request's rows are handed to it as they are answered (a copy of
+(:mod:`targets.control.audit`), a sampled request's rows are handed to it as they are answered (a copy of
 the hidden state a row left with, and a queue put): the stages they skipped run on the auditor's
 thread, after the answer.
 """
@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from targets.audit import AuditJob, Auditor
-from targets.controller import (ACTION_CACHE, ACTION_FULL, ACTION_REJECT, BioController, Decision, input_key,
+from targets.control.audit import AuditJob, Auditor
+from targets.control.controller import (ACTION_CACHE, ACTION_FULL, ACTION_REJECT, BioController, Decision, input_key,
                                 uncertainty)
 from targets.errors import ConfigError
 

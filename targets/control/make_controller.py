@@ -5,10 +5,10 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from targets.controller import BioController, Decision
-from targets.controller_config import ControllerConfig
+from targets.control.controller import BioController, Decision
+from targets.control.controller_config import ControllerConfig
 from targets.errors import ConfigError
-from targets.model_dir import ModelSpec
+from targets.model.model_dir import ModelSpec
 
 
 def make_controller(config: ControllerConfig, spec: ModelSpec, backend=None,
@@ -26,8 +26,8 @@ def make_controller(config: ControllerConfig, spec: ModelSpec, backend=None,
     actually used."""
     budget = None
     if config.policy == "budget":
-        from targets.budget_policy import BudgetPolicy, idle_level
-        from targets.calibration import budget_calibration_for
+        from targets.control.budget_policy import BudgetPolicy, idle_level
+        from targets.control.calibration import budget_calibration_for
 
         if explicit_tau_inf and config.exit_tau_inf is not None:
             raise ConfigError("exit_tau_inf cannot be set under the budget policy: the certificate covers only the "

@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, fields
 from typing import Callable
 
-from targets.certified_path import PathCalibration
-from targets.controller import BioController
-from targets.controller_config import ControllerConfig
+from targets.control.certified_path import PathCalibration
+from targets.control.controller import BioController
+from targets.control.controller_config import ControllerConfig
 from targets.errors import ConfigError
 
 BUNDLE_VERSION = 1
@@ -60,7 +60,7 @@ def controller_from_bundle(bundle: dict, clock: Callable[[], float] = time.monot
     config = ControllerConfig(**config_data)
     budget = None
     if config.policy == "budget":
-        from targets.budget_policy import BudgetPolicy
+        from targets.control.budget_policy import BudgetPolicy
 
         if not isinstance(bundle.get("path"), dict):
             raise ConfigError("controller bundle: the budget policy needs its certified path")

@@ -1,6 +1,6 @@
 """The live audit: does the certificate still apply to the inputs the server sees now?
 
-The budget policy's certificate (:mod:`targets.certified_path`) bounds the ladder's accuracy loss
+The budget policy's certificate (:mod:`targets.control.certified_path`) bounds the ladder's accuracy loss
 against the full model *for inputs drawn like the validation split*. Production inputs drift. The
 loss is measured against the full model, so its premise can be checked without labels: on a random
 sample of the requests answered, the auditor runs the stages a row skipped (from the hidden state
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from targets.binomial_bounds import clopper_pearson_upper
-from targets.controller_config import ControllerConfig
+from targets.control.binomial_bounds import clopper_pearson_upper
+from targets.control.controller_config import ControllerConfig
 
 AUDIT_RATE, AUDIT_IDLE_RATE, AUDIT_RISK = (ControllerConfig.audit_rate, ControllerConfig.audit_idle_rate,
                                           ControllerConfig.audit_risk)
@@ -120,7 +120,7 @@ def rate_confidence_sequence(successes: int, n: int, delta: float, a: float = 0.
     once; (0, 1) before any sample."""
     if n <= 0:
         return 0.0, 1.0
-    from scipy.special import betaln  # here, not at import: see targets.binomial_bounds
+    from scipy.special import betaln  # here, not at import: see targets.control.binomial_bounds
 
     threshold = math.log(1.0 / delta)
     log_mixture = betaln(a + successes, b + n - successes) - betaln(a, b)
@@ -168,8 +168,8 @@ class Auditor:
     """Samples answered rows, runs what they skipped on a thread of its own, tests, and voids the
     budget policy's certificate on evidence (see the module docstring).
 
-    ``backend`` runs the stages (:class:`targets.controlled.EarlyExitBackend`); ``controller`` is a
-    :class:`targets.controller.BioController` with a budget policy; ``references`` the per-point
+    ``backend`` runs the stages (:class:`targets.control.controlled.EarlyExitBackend`); ``controller`` is a
+    :class:`targets.control.controller.BioController` with a budget policy; ``references`` the per-point
     disagreement bounds (:func:`point_references`). Start with :meth:`start`, end with :meth:`stop`.
     """
 

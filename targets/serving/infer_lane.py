@@ -23,8 +23,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from targets.kserve import HEADER_LENGTH
-from targets.live import LABEL_HEADER
+from targets.backends.kserve import HEADER_LENGTH
+from targets.serving.live import LABEL_HEADER
 
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 _LOG = logging.getLogger("uvicorn.error")

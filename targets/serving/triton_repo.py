@@ -15,8 +15,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from targets.errors import GreenMLOpsError, ModelDirError
-from targets.model_dir import MODEL_NAME, GraphSpec, ModelSpec, graph_signature
+from targets.errors import GreenMLOpsError
+from targets.backends.triton_target import triton_model_names
+from targets.model.model_dir import GraphSpec, ModelSpec, graph_signature
 
 NUMPY_TO_TRITON = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
@@ -97,21 +98,6 @@ class RepoOptions:
             raise GreenMLOpsError(f"preferred batch sizes must lie in [1, {self.max_batch_size}]")
 
 
-def check_model_name(name: str) -> str:
-    """``name`` if it can name a Triton model (and a URL path segment), else ModelDirError."""
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
-        raise ModelDirError(f"model name {name!r} cannot name a Triton model: use letters, digits, '_', '.' "
-                            "and '-' only, starting with a letter or digit (no '/')")
-    return name
-
-
-def triton_model_names(model_name: str, n_stages: int = 2) -> dict[str, str]:
-    """Triton model name per graph key: ``full`` and ``stage1`` … ``stage<n_stages>``."""
-    check_model_name(model_name)
-    keys = ("full", *(f"stage{k}" for k in range(1, n_stages + 1)))
-    return {key: f"{model_name}_{key}" for key in keys}
-
-
 def _signature(graph: GraphSpec):
     """(inputs, outputs) as (name, triton type, dims without the batch axis), from the ONNX graph,
     in the order model.json lists them."""
@@ -154,12 +140,12 @@ def pbtxt_string(text: str) -> str:
 
 
 def bio_config_pbtxt(name: str, spec: ModelSpec, options: RepoOptions, parameters: dict) -> str:
-    """``config.pbtxt`` of ``<name>_bio`` (Python backend; see :mod:`targets.triton_bio`): the
+    """``config.pbtxt`` of ``<name>_bio`` (Python backend; see :mod:`targets.serving.triton_bio`): the
     model's input, the bio outputs, dynamic batching and instances as for the other models, and
     the ladder with the controller bundle as the ``green_mlops`` parameter (JSON)."""
     import json
 
-    from targets.triton_bio import OUTPUTS, PARAMETER
+    from targets.serving.triton_bio import OUTPUTS, PARAMETER
 
     input_name, input_type, input_dims = _signature(spec.stages[0])[0][0]
     dims = {"probabilities": [len(spec.classes)], "exit_stage": [1], "path_index": [1], "action": [1]}
@@ -181,9 +167,9 @@ def bio_config_pbtxt(name: str, spec: ModelSpec, options: RepoOptions, parameter
 def write_bio_model(spec: ModelSpec, out: Path, options: RepoOptions, bundle: dict) -> Path:
     """Write ``<name>_bio`` into the repository ``out`` (whose stage models it calls): config,
     ``1/model.py`` and, under ``1/control/targets/``, the control modules it imports, copied
-    byte for byte from this installation (:data:`targets.triton_bio.CONTROL_MODULES`)."""
+    byte for byte from this installation (:data:`targets.serving.triton_bio.CONTROL_MODULES`)."""
     import targets
-    from targets.triton_bio import CONTROL_MODULES, MODEL_PY, PARAMETERS_VERSION, ladder_parameters
+    from targets.serving.triton_bio import CONTROL_MODULES, MODEL_PY, PARAMETERS_VERSION, ladder_parameters
 
     names = triton_model_names(spec.name, spec.n_stages)
     name = f"{spec.name}_bio"
@@ -194,8 +180,8 @@ def write_bio_model(spec: ModelSpec, out: Path, options: RepoOptions, bundle: di
     control = model_dir / "1" / "control" / "targets"
     source = Path(targets.__file__).resolve().parent
     try:
-        control.mkdir(parents=True, exist_ok=True)
         for module in CONTROL_MODULES:
+            (control / module).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / f"{module}.py", control / f"{module}.py")
         (model_dir / "1" / "model.py").write_text(MODEL_PY)
         (model_dir / "config.pbtxt").write_text(config)
@@ -209,8 +195,8 @@ def write_repository(spec: ModelSpec, out: Path, options: RepoOptions = RepoOpti
     """Write one model per graph (full and every stage) under ``out``; returns their directories
     by graph key. The model directory was validated when ``spec`` was loaded; here the name and
     the output folder are checked before anything is written. With ``bio_bundle`` (a
-    :func:`~targets.controller_bundle.controller_bundle`), also ``<name>_bio`` (key ``bio``): the
-    ladder and its controller inside Triton (:mod:`targets.triton_bio`)."""
+    :func:`~targets.control.controller_bundle.controller_bundle`), also ``<name>_bio`` (key ``bio``): the
+    ladder and its controller inside Triton (:mod:`targets.serving.triton_bio`)."""
     names = triton_model_names(spec.name, spec.n_stages)
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -3,7 +3,7 @@
 Endpoints: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
 ``GET /v2/models/{name}``, ``GET /v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``,
 ``GET /v2/controller``, ``GET /metrics`` (Prometheus) and ``GET /dashboard`` (live page, see
-:mod:`targets.dashboard`).
+:mod:`targets.serving.dashboard`).
 
 The event loop moves bytes (and answers a small request itself when nothing else runs). A request's body is read first, within ``body_timeout_s`` of its
 arrival (else 408) and up to ``max_body_bytes`` (else 413, after the rest of the body was read and
@@ -13,8 +13,8 @@ job in a pool of ``max_concurrency`` threads, whose queue holds at most ``max_qu
 or running; beyond that 503 with Retry-After); when the gateway is otherwise idle (no other
 request in flight or queued) and the body is small, the job runs on the event loop instead (and
 always, one model run at a time in arrival order, with ``serial_on_loop``: a gateway on one CPU,
-where requests queued during a run share the next one, see :mod:`targets.loop_batcher`). Infer
-requests are answered by a plain-ASGI lane in front of the framework (:mod:`targets.infer_lane`). The in-flight count and the recent p95 of
+where requests queued during a run share the next one, see :mod:`targets.serving.loop_batcher`). Infer
+requests are answered by a plain-ASGI lane in front of the framework (:mod:`targets.serving.infer_lane`). The in-flight count and the recent p95 of
 in-flight-to-answer latencies are the controller's congestion signal ĉ. Every answer, errors
 included, is JSON with a message; bad input is a 4xx, never a 5xx.
 """
@@ -35,16 +35,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from targets.audit import Auditor, make_auditor
-from targets.controlled import ControlledTarget, EarlyExitBackend, Outcome
-from targets.controller import ACTION_REJECT, ACTION_SHED, BioController
-from targets.dashboard import install_dashboard
+from targets.control.audit import Auditor, make_auditor
+from targets.control.controlled import ControlledTarget, EarlyExitBackend, Outcome
+from targets.control.controller import ACTION_REJECT, ACTION_SHED, BioController
+from targets.serving.dashboard import install_dashboard
 from targets.errors import BackendError, InputError
-from targets.infer_lane import InferLane, Reply, error_reply, request_header
-from targets.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
-from targets.live import LABEL_HEADER
-from targets.loop_batcher import BatcherCollector, LoopBatcher
-from targets.model_dir import ModelSpec
+from targets.serving.infer_lane import InferLane, Reply, error_reply, request_header
+from targets.backends.kserve import HEADER_LENGTH, OUTPUT_NAME, datatype_of, decode_infer_request, encode_infer_response
+from targets.serving.live import LABEL_HEADER
+from targets.serving.loop_batcher import BatcherCollector, LoopBatcher
+from targets.model.model_dir import ModelSpec
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 DRAIN_MAX_BYTES = 64 << 20  # an oversized body is read and dropped up to this much, then cut off
@@ -214,7 +214,7 @@ class _Metrics:
 
 
 def _audit_gauges(registry, auditor: Auditor) -> None:
-    """The live audit's figures (targets.audit); a rate not known yet (no audited row) is NaN."""
+    """The live audit's figures (targets.control.audit); a rate not known yet (no audited row) is NaN."""
     def figure(key):
         def read():
             value = auditor.state()[key]
@@ -349,7 +349,7 @@ def create_app(
     settings: GatewaySettings = GatewaySettings(),
 ) -> FastAPI:
     """A FastAPI app serving ``backend`` under ``controller`` (None: the standard path). Under the
-    budget policy the live audit (targets.audit) runs as the controller's config asks."""
+    budget policy the live audit (targets.control.audit) runs as the controller's config asks."""
     executor = BoundedExecutor(settings.max_concurrency, settings.max_queue)
     auditor = make_auditor(backend, controller)
 
@@ -470,7 +470,7 @@ def create_app(
         1); a request whose body arrived while another ran has counted itself in flight by the
         time this one looks (the yield below), so under load the pool, the queue bound and the
         congestion signal work as before. With ``serial_on_loop`` small jobs always run on the
-        loop, through the dynamic batcher (targets.loop_batcher): decoded and checked first (bad
+        loop, through the dynamic batcher (targets.serving.loop_batcher): decoded and checked first (bad
         input fails alone), then merged with the requests queued beside them into one model run."""
         small = len(body) <= settings.inline_max_body_bytes
         if small and settings.serial_on_loop:
@@ -514,7 +514,7 @@ def create_app(
             return error_reply(408, f"request body not received within {timeout_s:g} s", headers=close)
 
     async def infer(name: str, scope, receive) -> Reply:
-        """POST …/infer, answered by the infer lane (targets.infer_lane), below the framework: the
+        """POST …/infer, answered by the infer lane (targets.serving.infer_lane), below the framework: the
         path names the model (the version is not checked); never raises for bad input."""
         if name != spec.name:
             # One label for every unknown name: client-chosen labels would grow series without bound.

@@ -4,7 +4,7 @@ The paper's controller (policy `paper`) lets congestion and energy push J above 
 under load it skips nearly everything and spends accuracy nobody agreed to. The `budget` policy
 keeps the same signals but lets them choose only among vectors the certificate covers:
 
-* The certified path (see :mod:`targets.certified_path`) is an ordered list of per-exit threshold
+* The certified path (see :mod:`targets.control.certified_path`) is an ordered list of per-exit threshold
   vectors, strict to loose, every point up to the *ceiling* certified at once: with probability
   ≥ 1 − δ the accuracy loss against the full model of each is at most the budget.
 * The controller sets a *level* on that path, 0 (strict) … 1 (the ceiling), from the paper's rule
@@ -13,7 +13,7 @@ keeps the same signals but lets them choose only among vectors the certificate c
   ĉ = ê = 0 (the *spend* mode, :data:`SPEND_MODES`). The level picks a point (rounding down, so
   never past the ceiling) once per request, and every exit of that request uses that point's
   threshold: the request runs a vector of the path, never a mix of two.
-* With a latency SLO, an AIMD loop (:mod:`targets.slo_loop`) holds its own level; the level used
+* With a latency SLO, an AIMD loop (:mod:`targets.control.slo_loop`) holds its own level; the level used
   is the larger of the two, so the loop may loosen towards the ceiling and no further, and it
   tightens again when p95 is well under the SLO. When p95 still exceeds the SLO at the ceiling,
   load is shed explicitly with the overload action instead of silently spending more accuracy:
@@ -27,10 +27,10 @@ import math
 import random
 import threading
 
-from targets.certified_path import PathCalibration
-from targets.controller_config import OVERLOAD_ACTIONS, SPEND_MODES
+from targets.control.certified_path import PathCalibration
+from targets.control.controller_config import OVERLOAD_ACTIONS, SPEND_MODES
 from targets.errors import ConfigError
-from targets.slo_loop import SloLoop
+from targets.control.slo_loop import SloLoop
 
 ADAPTIVE_IDLE_LEVEL = 0.5
 """``--spend adaptive``: the level the controller rests at with spare capacity and cheap energy
@@ -78,7 +78,7 @@ class BudgetPolicy:
         self.clamped = 0
         self.last_level = 0.0
         self.last_index = 0
-        self.void_reason: str | None = None  # set by the live audit (targets.audit): the certificate no longer applies
+        self.void_reason: str | None = None  # set by the live audit (targets.control.audit): the certificate no longer applies
         self.void_at_s: float | None = None
         self.void_after_audited: int | None = None
 

@@ -1,7 +1,7 @@
 """Out-of-fold comparison of calibration rules, without the held-out set deciding anything.
 
-A rule (the paper policy's :func:`targets.calibration.calibrate_exits`, its older or simpler
-variants, the budget policy's certificate :func:`targets.certified_path.calibrate_path`) turns a set of
+A rule (the paper policy's :func:`targets.control.calibration.calibrate_exits`, its older or simpler
+variants, the budget policy's certificate :func:`targets.control.certified_path.calibrate_path`) turns a set of
 calibration rows into one exit threshold per exit; a row then leaves at the first exit k whose
 uncertainty u_k < t_k, else runs the whole ladder. Comparing rules on the held-out set makes it a
 second validation set (DESIGN §4: "The held-out set is sealed"), so rules are compared here, out of
@@ -37,11 +37,11 @@ from typing import Callable
 
 import numpy as np
 
-from targets.calibration import (LadderOutputs, NO_CHANGE_RULE_NAME, NO_CHANGE_RULE_VERSION, RULE_NAME, RULE_VERSION,
+from targets.control.calibration import (LadderOutputs, NO_CHANGE_RULE_NAME, NO_CHANGE_RULE_VERSION, RULE_NAME, RULE_VERSION,
                                  calibrate_exits, no_change_cuts)
-from targets.binomial_bounds import clopper_pearson
-from targets.certified_path import PATH_NAME, PATH_VERSION, calibrate_path
-from targets.controller import uncertainty
+from targets.control.binomial_bounds import clopper_pearson
+from targets.control.certified_path import PATH_NAME, PATH_VERSION, calibrate_path
+from targets.control.controller import uncertainty
 from targets.errors import ConfigError
 
 SCHEMES = ("resplit", "kfold")
