@@ -89,12 +89,19 @@ class TritonStages:
         self._to_probabilities = softmax if ladder["outputs_are"] == "logits" else (lambda p: p)
 
     def check(self, batch) -> np.ndarray:
-        """Triton checked the dtype and dims against config.pbtxt; a text batch loses the columns
-        that are padding in every row, as the gateway trims it."""
-        batch = np.asarray(batch)
-        if self._pad_id is not None and batch.ndim == 2:
-            batch = trim_padding(batch, self._pad_id)
-        return batch
+        """Triton checked the dtype and dims against config.pbtxt (text widths: :meth:`common_width`)."""
+        return np.asarray(batch)
+
+    def common_width(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Text: every request cut or padded (with the pad id) to the width of the longest row among
+        them all, so the columns that are padding in every row go, as the gateway trims a request,
+        and one dynamic batch is one ladder run. The text stages mask padding, so a row's answer
+        does not depend on its width (up to float rounding). Other inputs are returned as they are."""
+        if self._pad_id is None or any(b.ndim != 2 for b in batches):
+            return batches
+        width = max(trim_padding(b, self._pad_id).shape[1] for b in batches)
+        return [b[:, :width] if b.shape[1] >= width else
+                np.pad(b, ((0, 0), (0, width - b.shape[1])), constant_values=self._pad_id) for b in batches]
 
     def full_probabilities(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self._call(self._full["model"], {self._full["input"]: batch}, self._full["outputs"][:1])
@@ -137,10 +144,10 @@ class BioModel:
         self.refused_requests = 0
 
     def answer(self, batches: list[np.ndarray]) -> list[list[Outcome]]:
-        """Outcomes per request; requests whose rows share a shape and dtype (a text request's after
-        its padding is trimmed) share the stage runs."""
+        """Outcomes per request; requests whose rows share a shape and dtype share the stage runs
+        (text requests of any length do: :meth:`TritonStages.common_width`)."""
         results: list[list[Outcome] | None] = [None] * len(batches)
-        batches = [self.backend.check(b) for b in batches]  # text: trimmed first, as the gateway groups them
+        batches = self.backend.common_width(batches)
         groups: dict[tuple, list[int]] = {}
         for k, batch in enumerate(batches):
             groups.setdefault((batch.shape[1:], batch.dtype.str), []).append(k)
@@ -200,6 +207,7 @@ class BioModel:
 MODEL_PY = '''"""Triton Python backend model: the early-exit ladder and its tau(t) controller (written by
 green-mlops; see targets/serving/triton_bio.py in the control/ folder next to this file)."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -256,9 +264,12 @@ class TritonPythonModel:
         providers = ["CPUExecutionProvider"]
         if gpu and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        options = onnxruntime.SessionOptions()  # as the repository's Python models: see triton_repo.PYTHON_MODEL
+        options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 0
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graphs = [*ladder["stages"], ladder["full"]]
         sessions = {g["model"]: onnxruntime.InferenceSession(str(repository / g["model"] / "1" / "model.onnx"),
-                                                            providers=providers) for g in graphs}
+                                                            options, providers=providers) for g in graphs}
 
         def call(model, inputs, outputs):
             return sessions[model].run(list(outputs), inputs)

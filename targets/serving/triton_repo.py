@@ -29,6 +29,7 @@ BIO_STAGES = ("auto", "bls", "inline")
 
 PYTHON_MODEL = '''"""Triton Python backend model: runs 1/model.onnx with ONNX Runtime (written by green-mlops)."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,12 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        options = onnxruntime.SessionOptions()
+        # One intra-op thread per CPU this server may use, none spinning: a spinning thread starves
+        # the other backend processes on a server pinned to few CPUs.
+        options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 0
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
 
     def execute(self, requests):
         # Dynamic batching hands several requests over at once: one ONNX Runtime run for all.
