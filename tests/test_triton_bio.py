@@ -303,3 +303,26 @@ def test_validate_against_triton_runs_bio_inside_triton(local_triton, tmp_path, 
     assert (tmp_path / "triton.log").exists() and (tmp_path / "triton-repo" / "digits_bio" / "config.pbtxt").exists()
     for line in (tmp_path / "triton.log").read_text().splitlines():
         assert "Failed to process" not in line
+
+
+def test_triton_repo_bio_cli_certifies_and_writes_the_serve_controller(tmp_path, capsys):
+    """`triton repo --bio`: the controller serve would run (budget policy, adaptive spend unless
+    told), certified here and said so; controller flags apply; a bad flag is one line, exit 2."""
+    from green_mlops.cli import main
+
+    assert main(["triton", "repo", "--out", str(tmp_path / "a"), "--flavour", "python", "--bio"]) == 0
+    err = capsys.readouterr().err
+    assert "digits_bio: policy budget, spend adaptive, certified ceiling" in err
+    config = (tmp_path / "a" / "digits_bio" / "config.pbtxt").read_text()
+    parameters = json.loads(ast.literal_eval(config.split("string_value: ", 1)[1].rsplit("\n  }", 1)[0]))
+    assert parameters["bundle"]["spend"] == "adaptive" and parameters["stages_run"] == "inline"
+    assert main(["triton", "repo", "--out", str(tmp_path / "b"), "--bio", "--policy", "paper", "--tau-inf", "0.6"]) == 0
+    config = (tmp_path / "b" / "digits_bio" / "config.pbtxt").read_text()
+    parameters = json.loads(ast.literal_eval(config.split("string_value: ", 1)[1].rsplit("\n  }", 1)[0]))
+    assert parameters["bundle"]["path"] is None and parameters["bundle"]["config"]["tau_inf"] == 0.6
+    assert parameters["stages_run"] == "bls"  # auto: the onnxruntime_onnx flavour sends sub-batches by BLS
+    assert not (tmp_path / "c").exists()
+    from tests.test_cli_errors import run_cli
+
+    result = run_cli("triton", "repo", "--out", str(tmp_path / "c"), "--bio", "--spend", "sideways")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
