@@ -326,3 +326,25 @@ def test_triton_repo_bio_cli_certifies_and_writes_the_serve_controller(tmp_path,
 
     result = run_cli("triton", "repo", "--out", str(tmp_path / "c"), "--bio", "--spend", "sideways")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_bio_model_stages_on_cuda_answer_as_on_the_cpu(digits_spec, digits_backend, digits_eval):
+    """GPU: the bio model's stage graphs on ONNX Runtime's CUDA provider (what `--bio-stages inline`
+    takes with `--instance-kind gpu`) leave every row at the same stage as on the CPU."""
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("no CUDA execution provider: install the 'gpu' extra on a machine with a GPU")
+    names = triton_model_names(digits_spec.name, digits_spec.n_stages)
+    sessions = {names[key]: onnxruntime.InferenceSession(str(graph.path), providers=["CUDAExecutionProvider"])
+                for key, graph in digits_spec.graphs.items()}
+    assert all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions.values())
+
+    def cuda_call(model, inputs, outputs):
+        return sessions[model].run(list(outputs), inputs)
+
+    x = digits_eval[0][:128]
+    gpu = bio_model(digits_spec, settled_budget_controller(digits_spec, digits_backend), cuda_call)
+    cpu = bio_model(digits_spec, settled_budget_controller(digits_spec, digits_backend))
+    on_gpu, on_cpu = gpu.answer([x])[0], cpu.answer([x])[0]
+    assert [gpu.left_after(o) for o in on_gpu] == [cpu.left_after(o) for o in on_cpu]
+    np.testing.assert_allclose(np.stack([o.probabilities for o in on_gpu]),
+                               np.stack([o.probabilities for o in on_cpu]), atol=1e-4)
