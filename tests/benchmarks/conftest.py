@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 
 import pytest
+
+from targets.cpus import split_for_load_test
 
 
 def pytest_addoption(parser):
@@ -62,3 +65,19 @@ class GatewayConnection:
 def http_helpers():
     """``(infer_body, GatewayConnection)`` for the benchmarks that call a gateway over HTTP."""
     return infer_body, GatewayConnection
+
+
+@pytest.fixture(scope="module")
+def cpu_split():
+    """``(this process's CPUs, the server's CPUs)``, or ``(None, None)`` on one CPU; this process is
+    pinned to its half for the module (the server, wrk and the in-process calls each keep to theirs)."""
+    split = split_for_load_test()
+    if split is None:
+        yield None, None
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, split[0])
+    try:
+        yield split
+    finally:
+        os.sched_setaffinity(0, before)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import time
 
 import numpy as np
@@ -30,7 +29,6 @@ import pytest
 
 from loadtests.gateway_process import GatewayProcess
 from targets.control.controlled import ControlledTarget
-from targets.cpus import split_for_load_test
 from targets.errors import ModelDirError
 from targets.backends.ort_target import OnnxRuntimeTarget
 from targets.model.registry import resolve_model
@@ -38,21 +36,6 @@ from targets.model.registry import resolve_model
 MODELS = ("digits", "reviews")
 ROWS = 200
 BIO_FLAGS = ("--controller", "bio", "--policy", "paper", "--k", "1e6", "--gamma", "0", "--beta", "0")
-
-
-@pytest.fixture(scope="module")
-def cpu_split():
-    """``(this process's CPUs, the gateway's CPUs)``; this process is pinned for the module."""
-    split = split_for_load_test()
-    if split is None:
-        yield None, None
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, split[0])
-    try:
-        yield split
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 @pytest.fixture(scope="module")

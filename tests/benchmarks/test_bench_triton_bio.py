@@ -14,34 +14,17 @@ execution, from Triton's own counters).
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import pytest
 
 from loadtests.gateway_process import GatewayProcess
-from targets.cpus import split_for_load_test
 from targets.backends.triton_target import parse_metrics
 from tests.conftest import settled_budget_controller
 
 ROWS = 200
 GATEWAY_BIO = ("--controller", "bio", "--policy", "budget", "--spend", "ceiling", "--k", "1e6",
                "--audit-rate", "0", "--audit-idle-rate", "0")
-
-
-@pytest.fixture(scope="module")
-def halves():
-    """``(wrk's CPUs, the server's CPUs)``, or ``(None, None)`` on one CPU; this process on wrk's."""
-    split = split_for_load_test()
-    if split is None:
-        yield None, None
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, split[0])
-    try:
-        yield split
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +43,7 @@ def wrk_available():
 
 
 @pytest.fixture(scope="module")
-def bio_triton(local_triton, tmp_path_factory, digits_spec, digits_backend, halves):
+def bio_triton(local_triton, tmp_path_factory, digits_spec, digits_backend, cpu_split):
     from targets.control.controller_bundle import controller_bundle
     from targets.serving.triton_repo import RepoOptions, write_repository
     from targets.backends.triton_server import TritonServer
@@ -68,7 +51,7 @@ def bio_triton(local_triton, tmp_path_factory, digits_spec, digits_backend, halv
     repo = tmp_path_factory.mktemp("bio-bench-repo")
     bundle = controller_bundle(settled_budget_controller(digits_spec, digits_backend))
     write_repository(digits_spec, repo, RepoOptions(flavour="python"), bio_bundle=bundle)
-    server = TritonServer(repo, cpus=halves[1])
+    server = TritonServer(repo, cpus=cpu_split[1])
     yield server
     server.stop()
 
@@ -95,9 +78,9 @@ def _counters(server) -> dict:
 
 
 @pytest.mark.benchmark(group="saturation, bio inside Triton vs behind the gateway")
-def test_saturation_bio_inside_triton(benchmark, bio_triton, bodies, halves, wrk_available):
+def test_saturation_bio_inside_triton(benchmark, bio_triton, bodies, cpu_split, wrk_available):
     before = _counters(bio_triton)
-    _saturate(benchmark, f"http://{bio_triton.url}", "/v2/models/digits_bio/infer", bodies, halves[0])
+    _saturate(benchmark, f"http://{bio_triton.url}", "/v2/models/digits_bio/infer", bodies, cpu_split[0])
     after = _counters(bio_triton)
     requests = after["nv_inference_count"] - before.get("nv_inference_count", 0)
     executions = after["nv_inference_exec_count"] - before.get("nv_inference_exec_count", 0)
@@ -106,16 +89,16 @@ def test_saturation_bio_inside_triton(benchmark, bio_triton, bodies, halves, wrk
 
 
 @pytest.mark.benchmark(group="saturation, bio inside Triton vs behind the gateway")
-def test_saturation_full_inside_triton(benchmark, bio_triton, bodies, halves, wrk_available):
+def test_saturation_full_inside_triton(benchmark, bio_triton, bodies, cpu_split, wrk_available):
     """The standard path on the same server (``digits_full``, one Python-backend model): what a
     request costs Triton's Python backend whatever the model does."""
-    _saturate(benchmark, f"http://{bio_triton.url}", "/v2/models/digits_full/infer", bodies, halves[0])
+    _saturate(benchmark, f"http://{bio_triton.url}", "/v2/models/digits_full/infer", bodies, cpu_split[0])
 
 
 @pytest.mark.benchmark(group="saturation, bio inside Triton vs behind the gateway")
-def test_saturation_bio_behind_gateway(benchmark, bodies, halves, wrk_available):
-    gateway = GatewayProcess("--model", "digits", *GATEWAY_BIO, cpus=halves[1])
+def test_saturation_bio_behind_gateway(benchmark, bodies, cpu_split, wrk_available):
+    gateway = GatewayProcess("--model", "digits", *GATEWAY_BIO, cpus=cpu_split[1])
     try:
-        _saturate(benchmark, gateway.url, "/v2/models/digits/infer", bodies, halves[0])
+        _saturate(benchmark, gateway.url, "/v2/models/digits/infer", bodies, cpu_split[0])
     finally:
         gateway.stop()
