@@ -19,6 +19,7 @@ from rich.text import Text
 
 from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE,
                                    make_default_controller, make_results_dir, open_energy, stderr, stdout)
+from loadtests.capacity import AUTO_RATE
 from targets.errors import GreenMLOpsError
 
 DEFAULT_REPEATS = 3  # validate's load-stage replicates: the job takes about 2 min 15 s here (see the README)
@@ -144,6 +145,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _arrival_rate(text: str) -> float | str:
+    """``auto`` (sized to this machine before the load stage), 0 (closed loop) or a finite rate > 0."""
+    if text.strip().lower() == AUTO_RATE:
+        return AUTO_RATE
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be 'auto', 0 (closed loop) or requests per second > 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="green-mlops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -165,11 +179,17 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--no-load", action="store_true", help="only the in-process ablation")
     load.add_argument("--load-shape", default="spike", choices=("steady", "ramp", "spike", "wave", "step"))
     load.add_argument("--load-users", type=_positive_int, default=4, help="base users, default 4")
-    load.add_argument("--load-phase-s", type=float, default=5.0, help="phase length, default 5 s")
-    load.add_argument("--load-s", type=_positive_int, default=15, help="seconds per scenario, default 15")
-    load.add_argument("--load-arrival-rate", type=float, default=40.0,
+    load.add_argument("--load-phase-s", type=_positive_float,
+                      help="phase length, default 5 s (with an auto rate below 40 req/s, stretched like --load-s)")
+    load.add_argument("--load-s", type=_positive_int,
+                      help="seconds per scenario, default 15; when neither this nor --load-phase-s is given and "
+                           "the auto rate is below 40 req/s, both are stretched by 40 / rate (at most 4x), so a "
+                           "run on a slower machine keeps about as many requests")
+    load.add_argument("--load-arrival-rate", type=_arrival_rate, default=AUTO_RATE,
                       help="open loop: Poisson arrivals per second at base load, scaled by the shape, one seeded "
-                           "schedule replayed by both runs (default 40; 0: closed loop, which decides no claim)")
+                           "schedule replayed by both runs. Default auto: measured before the load stage so the "
+                           "shape's peak asks for half of what the standard path serves here, at most 40; "
+                           "0: closed loop, which decides no claim")
     load.add_argument("--load-seed", type=int, default=0,
                       help="seed of the first replicate's open-loop schedule (times and rows); replicate k uses seed + k − 1")
     load.add_argument("--repeats", type=_positive_int, default=DEFAULT_REPEATS,

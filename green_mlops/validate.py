@@ -17,6 +17,7 @@ as the ablation ends, so a Ctrl-C during the load stage loses neither (exit 130)
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -30,6 +31,9 @@ from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERRUPTED, make_default_con
                                    open_energy, stderr, tau_inf_is_explicit)
 from green_mlops.models import resolve_model
 from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
+from loadtests.capacity import (AUTO_RATE, CEILING_RPS, DEFAULT_PHASE_S, DEFAULT_RUN_S, OFFERED_LOAD_FILE,
+                                PEAK_UTILISATION, ProbeError, Sizing, duration_stretch, infer_bodies,
+                                probe_round_trips, size_arrival_rate)
 from loadtests.runner import LoadSpec, run_scenario
 from loadtests.schedule import SCHEDULE_FILE, ScheduleError, make_schedule
 from loadtests.shapes import Shape, ShapeParams
@@ -83,9 +87,13 @@ def budget_lines(budget: dict) -> list[str]:
 def run_validate(args) -> int:
     if args.backend == "triton" and args.compare_policies and not args.no_load:
         raise GreenMLOpsError("--compare-policies runs through the gateway only: drop it, or --backend triton")
-    if args.repeats > 1 and args.load_arrival_rate <= 0 and not args.no_load:
+    if args.repeats > 1 and args.load_arrival_rate != AUTO_RATE and args.load_arrival_rate <= 0 and not args.no_load:
         raise GreenMLOpsError("--repeats > 1 needs open loop (--load-arrival-rate > 0): replicates are paired by "
                               "their schedule, and a closed-loop run has none (add --repeats 1)")
+    # Run and phase lengths: given, or the defaults, which an auto rate may stretch (loadtests.capacity).
+    stretch_durations = args.load_s is None and args.load_phase_s is None
+    args.load_s = DEFAULT_RUN_S if args.load_s is None else args.load_s
+    args.load_phase_s = DEFAULT_PHASE_S if args.load_phase_s is None else args.load_phase_s
     if args.mlflow:
         require_mlflow()  # before the run: a missing extra must not cost a whole validation
     spec = resolve_model(args.model)
@@ -152,7 +160,7 @@ def run_validate(args) -> int:
     interrupted = False
     if not args.no_load:
         try:
-            summary["load_test"] = _load_test(args, spec, controller, results, console, len(x))
+            summary["load_test"] = _load_test(args, spec, controller, results, console, len(x), stretch_durations)
             failures += [f"load test: {f}" for f in summary["load_test"]["gate_failures"]]
         except KeyboardInterrupt:
             interrupted = True
@@ -267,15 +275,62 @@ def _start_triton(args, spec, controller, results: Path, console: Console):
     return server
 
 
+def _shape(args) -> Shape:
+    try:
+        return Shape(args.load_shape, ShapeParams(base_users=args.load_users, peak_users=2 * args.load_users,
+                                                  phase_s=args.load_phase_s, run_time_s=args.load_s))
+    except ValueError as exc:
+        raise GreenMLOpsError(f"load test: {exc}") from exc
+
+
+def _size_offered_load(args, spec, results: Path, console: Console, host: str | None,
+                       stretch_durations: bool) -> Sizing:
+    """``--load-arrival-rate auto``: probe the standard path as the load test will serve it (a
+    gateway with the controller off on the gateway's CPUs, or Triton's ``<model>_full``), then set
+    ``args.load_arrival_rate`` to the sized base rate and, with ``stretch_durations`` (neither
+    length given), stretch ``args.load_s`` and ``args.load_phase_s`` (see :mod:`loadtests.capacity`).
+    The sizing is written to ``offered_load.json`` before any run, and printed."""
+    from loadtests.gateway_process import GatewayProcess
+    from targets.cpus import cpu_list, split_for_load_test
+
+    shape = _shape(args)
+    bodies = infer_bodies(spec.load_eval()[0], spec.input_name)
+    gateway = None
+    try:
+        with console.status("sizing the offered load: the standard path, one request at a time …"):
+            if host is None:
+                split = split_for_load_test()  # the CPUs the load test's gateways get
+                gateway = GatewayProcess("--model", str(args.model), "--energy", "off", "--controller", "off",
+                                         log_path=results / "offered-load-probe.log",
+                                         cpus=split[1] if split else None)
+                target = "gateway --controller off" + (f" on CPUs {cpu_list(split[1])}" if split else "")
+                url, path = gateway.url, f"/v2/models/{spec.name}/infer"
+            else:
+                target, url, path = f"Triton {spec.name}_full", host, f"/v2/models/{spec.name}_full/infer"
+            probe = probe_round_trips(url, path, bodies)
+    except (ProbeError, RuntimeError) as exc:
+        raise GreenMLOpsError(f"sizing the offered load: {exc}; give the rate with --load-arrival-rate N") from exc
+    finally:
+        if gateway is not None:
+            gateway.stop()
+    rate, capped = size_arrival_rate(probe.capacity_rps, shape.peak_factor)
+    stretch = duration_stretch(rate) if stretch_durations else 1.0
+    sizing = Sizing(rate, probe, target, shape.peak_factor, PEAK_UTILISATION, CEILING_RPS, capped, stretch)
+    args.load_arrival_rate = rate
+    args.load_s = int(math.ceil(args.load_s * stretch))
+    args.load_phase_s = round(args.load_phase_s * stretch, 3)
+    _write_json(results / OFFERED_LOAD_FILE, sizing.as_dict())
+    console.print(sizing.line(), highlight=False, markup=False, soft_wrap=True)
+    return sizing
+
+
 def _write_schedule(args, results: Path, n_rows: int, replicate: int = 1) -> Path | None:
     """Open loop: the one schedule both runs of a replicate replay (None in closed loop):
     ``schedule.json`` for the first, ``schedule-rK.json`` (seed ``--load-seed`` + K − 1) after."""
     if args.load_arrival_rate <= 0:
         return None
     try:
-        shape = Shape(args.load_shape, ShapeParams(base_users=args.load_users, peak_users=2 * args.load_users,
-                                                   phase_s=args.load_phase_s, run_time_s=args.load_s))
-        schedule = make_schedule(args.load_arrival_rate, shape, n_rows, args.load_seed + replicate - 1)
+        schedule = make_schedule(args.load_arrival_rate, _shape(args), n_rows, args.load_seed + replicate - 1)
     except (ScheduleError, ValueError) as exc:
         raise GreenMLOpsError(f"load test: {exc}") from exc
     name = SCHEDULE_FILE if replicate == 1 else f"{Path(SCHEDULE_FILE).stem}-r{replicate}.json"
@@ -295,21 +350,24 @@ def replicate_plan(repeats: int) -> list[tuple[int, str, str]]:
     return plan
 
 
-def _load_test(args, spec, controller, results: Path, console: Console, n_rows: int) -> dict:
+def _load_test(args, spec, controller, results: Path, console: Console, n_rows: int,
+               stretch_durations: bool = False) -> dict:
     """Standard then bio under Locust with a congestion pattern, then the report over both. Through
     a gateway per run, or (``--backend triton``) against one Triton server started here."""
     triton = _start_triton(args, spec, controller, results, console) if args.backend == "triton" else None
     try:
         return _load_runs(args, spec, controller.config, results, console, n_rows,
                           host=None if triton is None else f"http://{triton.url}",
-                          cpu_sets=None if triton is None else triton.cpu_sets)
+                          cpu_sets=None if triton is None else triton.cpu_sets, stretch_durations=stretch_durations)
     finally:
         if triton is not None:
             triton.stop()
 
 
 def _load_runs(args, spec, config, results: Path, console: Console, n_rows: int, host: str | None,
-               cpu_sets: dict | None = None) -> dict:
+               cpu_sets: dict | None = None, stretch_durations: bool = False) -> dict:
+    sizing = (_size_offered_load(args, spec, results, console, host, stretch_durations)
+              if args.load_arrival_rate == AUTO_RATE else None)
     config_path = results / "controller.toml"
     config_path.write_text(_toml(asdict(config)))
     schedules = {k: _write_schedule(args, results, n_rows, k) for k in range(1, args.repeats + 1)}
@@ -338,7 +396,8 @@ def _load_runs(args, spec, config, results: Path, console: Console, n_rows: int,
                          cpu_sets=cpu_sets)
         console.print(f"load test {position}/{len(runs)} {name}: done in {time.monotonic() - started:.0f} s "
                       f"({loop}{schedule})", highlight=False, markup=False)
-    return _report(results, console)
+    offered = sizing.as_dict() if sizing is not None else {"source": "given", "arrival_rate_rps": args.load_arrival_rate}
+    return {**_report(results, console), "offered_load": offered}
 
 
 def _report(results: Path, console: Console) -> dict:

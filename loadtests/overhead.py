@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import shutil
 import statistics
 import subprocess
@@ -32,8 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
+from loadtests.capacity import infer_bodies
 from loadtests.gateway_process import GatewayProcess
 
 # (category, substring of a frame "function (file:line)"), tried from the innermost frame out;
@@ -98,14 +96,6 @@ def parse_raw(text: str) -> Counter:
     return counts
 
 
-def _bodies(spec, n: int = 200) -> list[bytes]:
-    x, _ = spec.load_eval()
-    datatype = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}[x.dtype]
-    return [json.dumps({"inputs": [{"name": spec.input_name, "shape": [1, *x.shape[1:]], "datatype": datatype,
-                                    "data": x[i : i + 1].ravel().tolist()}]}).encode()
-            for i in range(min(n, len(x)))]
-
-
 def _client(host_port: str, path: str, bodies: list[bytes], stop: threading.Event, times_ns: list[int]) -> None:
     host, port = host_port.rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -133,7 +123,7 @@ def profile(model: str, seconds: float, concurrency: int, rate_hz: int, serve_ar
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
     spec = resolve_model(model)
-    bodies = _bodies(spec)
+    bodies = infer_bodies(spec.load_eval()[0], spec.input_name)
     gateway = GatewayProcess("--model", model, *(serve_args or ["--controller", "off"]))
     stop, threads, times = threading.Event(), [], [[] for _ in range(concurrency)]
     try:
@@ -176,7 +166,7 @@ def print_table(result: dict) -> None:
           f"{result['seconds']:.1f} s ({result['requests_per_s']:.0f}/s) · client p50 "
           f"{result['client_p50_ms']:.3f} ms · gateway CPU {total:.3f} ms per request "
           f"({result['rate_hz']} Hz samples)")
-    print(f"| part | CPU ms per request | share |\n|---|---:|---:|")
+    print("| part | CPU ms per request | share |\n|---|---:|---:|")
     for category, ms in sorted(result["cpu_ms_per_request"].items(), key=lambda kv: -kv[1]):
         print(f"| {category} | {ms:.3f} | {ms / total:.0%} |")
     print(f"| {WAITING}: not counted above | {waiting:.3f} | |")

@@ -73,8 +73,7 @@ def make_schedule(rate_rps: float, shape: Shape, n_rows: int, seed: int = 0) -> 
     if n_rows < 1:
         raise ScheduleError("the evaluation set is empty")
     duration_s = float(shape.end_s)
-    grid = np.linspace(0.0, duration_s, 2001)
-    peak = max(shape.load_factor(float(t)) for t in grid)
+    peak = shape.peak_factor
     expected = rate_rps * peak * duration_s
     if expected > MAX_ARRIVALS:
         raise ScheduleError(f"{expected:.0f} arrivals is more than {MAX_ARRIVALS}: lower the rate or the duration")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 SHAPES = ("steady", "ramp", "spike", "wave", "step")
 
 
@@ -56,6 +58,12 @@ class Shape:
     @property
     def end_s(self) -> float:
         return self.p.run_time_s if self.p.run_time_s is not None else self.natural_end_s
+
+    @property
+    def peak_factor(self) -> float:
+        """The largest :meth:`load_factor` over the pattern (2,001 evenly spaced instants): the
+        open-loop peak rate over the base rate (4 for the default spike)."""
+        return max(self.load_factor(float(t)) for t in np.linspace(0.0, float(self.end_s), 2001))
 
     def users_at(self, t: float) -> int:
         p = self.p

@@ -99,6 +99,11 @@ def test_sweep_measures_a_curve(tmp_path, capsys):
         (["validate", "--uncertainty", "vibes"], "invalid choice"),
         (["validate", "--repeats", "0"], "must be >= 1"),
         (["validate", "--repeats", "3", "--load-arrival-rate", "0"], "needs open loop"),
+        (["validate", "--load-arrival-rate", "-5"], "must be 'auto', 0 (closed loop) or requests per second > 0"),
+        (["validate", "--load-arrival-rate", "fast"], "must be 'auto'"),
+        (["validate", "--load-arrival-rate", "nan"], "must be 'auto'"),
+        (["validate", "--load-s", "0"], "must be >= 1"),
+        (["validate", "--load-phase-s", "0"], "must be a finite number > 0"),
     ],
 )
 def test_bad_input_gives_a_message_not_a_traceback(args, message):
@@ -142,6 +147,15 @@ def test_validate_runs_the_load_test_and_the_report(tmp_path, capsys):
     assert load["comparison"]["open_loop"] and load["comparison"]["condition_differences"] == []
     assert not load["valid"]  # 4 s runs are below the 10 s minimum: the report says so
     assert any("below the minimum" in r for r in load["invalid_reasons"])
+    # The rate was sized to this machine (the default, auto) before any run, and every schedule uses it;
+    # the lengths were given, so they are not stretched.
+    offered = load["offered_load"]
+    assert offered == json.loads((tmp_path / "offered_load.json").read_text())
+    assert offered["source"] == "auto" and offered["target"].startswith("gateway --controller off")
+    assert offered["probe"]["requests"] == 200 and offered["probe"]["mean_ms"] > 0
+    assert 0 < offered["arrival_rate_rps"] <= 40 and offered["duration_stretch"] == 1.0
+    assert offered["peak_factor"] == 4.0 and (offered["capped"] or offered["peak_utilisation"] <= 0.5)
+    assert (tmp_path / "offered-load-probe.log").exists()
     assert code == 1  # so the gate fails
     for name in ("report.html", "report.md", "summary.json", "controller.toml", "schedule.json",
                  "ablation/ablation.json"):
@@ -150,6 +164,7 @@ def test_validate_runs_the_load_test_and_the_report(tmp_path, capsys):
     for suffix, seed in (("", 0), ("-r2", 1)):
         schedule = json.loads((tmp_path / f"schedule{suffix}.json").read_text())
         assert schedule["seed"] == seed
+        assert schedule["rate_rps"] == offered["arrival_rate_rps"]
         for scenario in ("standard", "bio"):
             run = json.loads((tmp_path / f"{scenario}{suffix}" / "run.json").read_text())
             assert run["scenario"] == scenario and run["shape"] == "spike" and run["finished"]

@@ -290,6 +290,8 @@ def test_validate_against_triton_runs_bio_inside_triton(local_triton, tmp_path, 
     assert "digits_full for standard, digits_bio for bio" in out
     load = json.loads((tmp_path / "validate.json").read_text())["load_test"]
     assert load["comparison"]["n_standard"] > 0 and load["comparison"]["n_bio"] > 0
+    assert load["offered_load"]["target"] == "Triton digits_full"  # sized on Triton's standard path
+    assert "offered load sized to this machine" in out
     assert load["comparison"]["condition_differences"] == []
     for scenario, model in (("standard", "digits_full"), ("bio", "digits_bio")):
         run = json.loads((tmp_path / scenario / "run.json").read_text())
