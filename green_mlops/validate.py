@@ -31,8 +31,8 @@ from green_mlops.run_setup import (EXIT_GATE, EXIT_INTERRUPTED, make_default_con
                                    open_energy, stderr, tau_inf_is_explicit)
 from green_mlops.models import resolve_model
 from loadtests.ablation import ladder_figures, ladder_lines, request_order, run_ablation, run_sweep, sweep_taus
-from loadtests.capacity import (AUTO_RATE, CEILING_RPS, DEFAULT_PHASE_S, DEFAULT_RUN_S, OFFERED_LOAD_FILE,
-                                PEAK_UTILISATION, ProbeError, Sizing, duration_stretch, infer_bodies,
+from loadtests.capacity import (AUTO_RATE, CEILING_RPS, DEFAULT_PHASE_S, DEFAULT_RUN_S, PEAK_UTILISATION,
+                                ProbeError, Sizing, duration_stretch, infer_bodies,
                                 probe_round_trips, size_arrival_rate)
 from loadtests.runner import LoadSpec, run_scenario
 from loadtests.schedule import SCHEDULE_FILE, ScheduleError, make_schedule
@@ -42,7 +42,7 @@ from reports.ablation import print_summary, print_sweep, summarise
 from reports.bounds import STATUS_WORDS
 from reports.build import build_report, gate_failures
 from reports.tracking import log_validate, require_mlflow
-from reports.runs import ABLATION_FILE
+from reports.runs import ABLATION_FILE, OFFERED_LOAD_FILE
 from targets.control.calibration import check_ladder, rule_line, rule_record
 from targets.errors import GreenMLOpsError
 from targets.backends.ort_target import OnnxRuntimeTarget

@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-OFFERED_LOAD_FILE = "offered_load.json"  # in the results directory: how the rate was chosen
 AUTO_RATE = "auto"  # the value of --load-arrival-rate that asks for this sizing
 PEAK_UTILISATION = 0.5  # share of the standard path's capacity the shape's peak asks for
 CEILING_RPS = 40.0  # the auto-sized base rate never exceeds the documented default

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from loadtests.capacity import infer_bodies
 from loadtests.gateway_process import GatewayProcess
-from loadtests.overhead import _bodies
 from loadtests.runner import locustfile
 from loadtests.wrk import run_wrk
 from targets.cpus import cpu_list, pin_to, split_for_load_test
@@ -66,7 +66,7 @@ def crosscheck(model: str, scenario: str, users: int, seconds: int) -> dict:
                   if scenario == "bio" else ["--controller", "off"])
     with GatewayProcess("--model", model, *controller, cpus=server) as gateway, \
             tempfile.TemporaryDirectory(prefix="green-mlops-crosscheck-") as tmp:
-        wrk = run_wrk(gateway.url, f"/v2/models/{spec.name}/infer", _bodies(spec, n=1 << 30), connections=users,
+        wrk = run_wrk(gateway.url, f"/v2/models/{spec.name}/infer", infer_bodies(spec.load_eval()[0], spec.input_name, n=1 << 30), connections=users,
                       duration_s=seconds, cpus=generator)
         locust = run_locust(gateway.url, model, scenario, users, seconds, generator, Path(tmp) / "run")
     return {"model": model, "scenario": scenario, "users": users, "seconds": seconds,

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from reports.render import make_plots, write_report
-from reports.runs import find_runs, load_ablation
+from reports.runs import find_runs, load_ablation, load_offered_load
 from reports.verdict import ValidityRules, build_summary
 from targets.errors import GreenMLOpsError
 
@@ -22,6 +22,9 @@ def build_report(results: Path, out: Path, baseline_path: Path | None = None,
     runs = find_runs(results)
     summary = build_summary(runs, baseline, ValidityRules(min_duration_s=min_duration_s, min_requests=min_requests),
                             ablation=load_ablation(results))
+    offered = load_offered_load(results)
+    if offered is not None:
+        summary["offered_load"] = offered
     try:
         write_report(out, summary, make_plots(runs, summary))
     except OSError as exc:

@@ -221,6 +221,21 @@ def _conditions(summary: dict) -> list[list[str]]:
     return rows
 
 
+def offered_load_line(offered: dict | None) -> str | None:
+    """One sentence on how validate sized the open-loop rate to the machine (None: not sized)."""
+    if not offered or offered.get("source") != "auto":
+        return None
+    probe = offered.get("probe") or {}
+    limit = ("the ceiling" if offered.get("capped") else
+             f"{100 * offered.get('utilisation', 0):.0f} % of that at the shape's {offered.get('peak_factor', 0):g}x peak")
+    stretch = offered.get("duration_stretch") or 1.0
+    return (f"Offered load sized to this machine: {offered['arrival_rate_rps']:g} req/s base ({offered.get('target')}: "
+            f"mean round trip {probe.get('mean_ms', 0):.2f} ms over {probe.get('requests', 0)} requests one at a "
+            f"time, about {probe.get('capacity_rps', 0):.0f} req/s; {limit}, at most {offered.get('ceiling_rps', 0):g} "
+            f"req/s; the peak asks for {100 * offered.get('peak_utilisation', 0):.0f} % of it)"
+            + (f"; runs and phases {stretch:.2f}x longer" if stretch > 1 else "") + ".")
+
+
 def _cpu_sets(machine: dict) -> str:
     """Where Locust and the gateway ran (run.json's machine.cpu_sets), after the CPU count."""
     sets = machine.get("cpu_sets")
@@ -256,6 +271,7 @@ def render_html(summary: dict, pngs: dict[str, bytes]) -> str:
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in summary["invalid_reasons"])
     regressions = "".join(f"<li>{html.escape(r)}</li>" for r in summary.get("regressions", []))
     failures = "".join(f"<li>{html.escape(line)}</li>" for line in _failure_lines(summary))
+    offered = offered_load_line(summary.get("offered_load"))
     figures = "".join(
         f'<figure><img alt="{html.escape(PLOT_TITLES[name])}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode()}"><figcaption>{html.escape(PLOT_TITLES[name])}</figcaption></figure>'
@@ -295,6 +311,7 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #d0d7de; }
 {_html_table(PHASE_HEADER, _phase_rows(summary))}
 <h2>Run conditions</h2>
 {_html_table(CONDITION_HEADER, _conditions(summary))}
+{f"<p>{html.escape(offered)}</p>" if offered else ""}
 <h2>Plots</h2>
 {figures or "<p>No plots: no answered requests.</p>"}
 <h2>Verdict</h2>
@@ -309,6 +326,7 @@ def render_markdown(summary: dict, png_names: list[str]) -> str:
         ablation = ["## In-process ablation", "", *_ablation_lines(summary), "",
                     _md_table(CLAIM_HEADER, _claim_rows(summary["ablation_claims"])), ""]
     failures = _failure_lines(summary)
+    offered = offered_load_line(summary.get("offered_load"))
     parts = [
         "# green-mlops report", "", f"**load test {_verdict(summary)}**", "", VALIDITY_MEANING, "",
         *[f"- {r}" for r in summary["invalid_reasons"]], "",
@@ -323,6 +341,7 @@ def render_markdown(summary: dict, png_names: list[str]) -> str:
         *(["## Failures", "", *[f"- {line}" for line in failures], ""] if failures else []),
         "## Per load phase", "", _md_table(PHASE_HEADER, _phase_rows(summary)), "",
         "## Run conditions", "", _md_table(CONDITION_HEADER, _conditions(summary)), "",
+        *([offered, ""] if offered else []),
         "## Plots", "",
         *[f"![{PLOT_TITLES[name]}]({name}.png)" for name in png_names], "",
         "## Verdict", "", f"**{summary['verdict']}**",

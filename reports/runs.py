@@ -54,6 +54,22 @@ def _reference(path: Path) -> dict | None:
     return document
 
 
+OFFERED_LOAD_FILE = "offered_load.json"  # written by validate before its first load run (loadtests.capacity)
+
+
+def load_offered_load(results: Path) -> dict | None:
+    """How validate chose the open-loop rate (``offered_load.json``) when it sized it to the
+    machine; None when the file is absent or not a sizing record."""
+    file = results / OFFERED_LOAD_FILE
+    if not file.exists():
+        return None
+    try:
+        document = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GreenMLOpsError(f"{file} is not valid JSON: {exc}") from exc
+    return document if isinstance(document, dict) and "arrival_rate_rps" in document else None
+
+
 def load_ablation(results: Path) -> dict | None:
     """The in-process ablation's figures (``ablation/ablation.json``, else ``validate.json``)
     when ``results`` is a validate directory; None otherwise."""

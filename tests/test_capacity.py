@@ -118,3 +118,25 @@ def test_the_probe_fails_with_a_message_on_an_error_or_a_closed_port(planted_ser
         probe_round_trips(f"127.0.0.1:{port}", "/v2/models/m/infer", bodies, requests=3, warmup=0)
     with pytest.raises(ValueError):
         probe_round_trips(f"127.0.0.1:{port}", "/x", [], requests=3)
+
+
+def test_the_report_reads_the_sizing_back_and_says_it_in_one_sentence(tmp_path):
+    from reports.render import offered_load_line
+    from reports.runs import OFFERED_LOAD_FILE, load_offered_load
+    from targets.errors import GreenMLOpsError
+
+    assert load_offered_load(tmp_path) is None  # a results directory without a sizing: nothing to say
+    probe = RoundTrips(requests=200, mean_ms=8.26, p50_ms=7.9)
+    rate, capped = size_arrival_rate(probe.capacity_rps, 4.0)
+    record = Sizing(rate, probe, "gateway --controller off on CPUs 1", 4.0, 0.5, CEILING_RPS, capped,
+                    duration_stretch(rate)).as_dict()
+    (tmp_path / OFFERED_LOAD_FILE).write_text(json.dumps(record))
+    assert load_offered_load(tmp_path) == record
+    line = offered_load_line(record)
+    assert line.startswith("Offered load sized to this machine: 15.1 req/s base (gateway --controller off on CPUs 1")
+    assert "8.26 ms over 200 requests" in line and "50 % of that at the shape's 4x peak" in line
+    assert "2.65x longer" in line
+    assert offered_load_line({"source": "given", "arrival_rate_rps": 40.0}) is None and offered_load_line(None) is None
+    (tmp_path / OFFERED_LOAD_FILE).write_text("{not json")
+    with pytest.raises(GreenMLOpsError, match="not valid JSON"):
+        load_offered_load(tmp_path)

@@ -156,6 +156,7 @@ def test_validate_runs_the_load_test_and_the_report(tmp_path, capsys):
     assert 0 < offered["arrival_rate_rps"] <= 40 and offered["duration_stretch"] == 1.0
     assert offered["peak_factor"] == 4.0 and (offered["capped"] or offered["peak_utilisation"] <= 0.5)
     assert (tmp_path / "offered-load-probe.log").exists()
+    assert "Offered load sized to this machine" in (tmp_path / "report.md").read_text()
     assert code == 1  # so the gate fails
     for name in ("report.html", "report.md", "summary.json", "controller.toml", "schedule.json",
                  "ablation/ablation.json"):
