@@ -66,7 +66,8 @@ def crosscheck(model: str, scenario: str, users: int, seconds: int) -> dict:
                   if scenario == "bio" else ["--controller", "off"])
     with GatewayProcess("--model", model, *controller, cpus=server) as gateway, \
             tempfile.TemporaryDirectory(prefix="green-mlops-crosscheck-") as tmp:
-        wrk = run_wrk(gateway.url, f"/v2/models/{spec.name}/infer", infer_bodies(spec.load_eval()[0], spec.input_name, n=1 << 30), connections=users,
+        bodies = infer_bodies(spec.load_eval()[0], spec.input_name, n=1 << 30)  # every held-out row
+        wrk = run_wrk(gateway.url, f"/v2/models/{spec.name}/infer", bodies, connections=users,
                       duration_s=seconds, cpus=generator)
         locust = run_locust(gateway.url, model, scenario, users, seconds, generator, Path(tmp) / "run")
     return {"model": model, "scenario": scenario, "users": users, "seconds": seconds,
